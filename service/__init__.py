@@ -1,0 +1,3 @@
+"""Frontier: an OpenAI-compatible model-serving microservice."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""The app factory: builds settings, registry, pool and metrics, and owns their lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from starlette.routing import Match
+
+from service.api.errors import APIError, error_response, install_error_handlers
+from service.api.routes import chat, completions, embeddings, system
+from service.config import Settings
+from service.metrics import Metrics
+from service.pool.manifest import Registry
+from service.pool.pool import ModelPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    pool: ModelPool
+    metrics: Metrics
+    load_error: str | None = None
+
+
+async def _load_defaults(st: AppState) -> None:
+    for model_id in st.settings.models:
+        try:
+            await st.pool.load(model_id, pinned=True)
+        except Exception as exc:  # /ready reports it; /health stays up so operators can look
+            st.load_error = f"{model_id}: {exc}"
+            log.error("could not load %s: %s", model_id, exc)
+            return
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    pool = ModelPool(settings, Registry(settings.manifests_dir))
+    metrics = Metrics()
+    metrics.watch_pool(pool)
+    st = AppState(settings, pool, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(_load_defaults(st))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await pool.shutdown()
+
+    app = FastAPI(title="Frontier", version="0.1.0", lifespan=lifespan)
+    app.state.frontier = st
+    install_error_handlers(app)
+    for r in (system.router, chat.router, completions.router, embeddings.router):
+        app.include_router(r)
+
+    @app.middleware("http")
+    async def edge(request: Request, call_next):
+        path = request.url.path
+        if settings.api_key and path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+                return error_response(APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
+                                               type="authentication_error", code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_request_bytes:
+            return error_response(APIError(413, f"request body over {settings.max_request_bytes} bytes",
+                                           code="request_too_large"))
+        response = await call_next(request)
+        route = _route_template(app, request)
+        if route != "/metrics":
+            model = getattr(request.state, "model", "")
+            metrics.requests.labels(route, model, str(response.status_code)).inc()
+        return response
+
+    return app
+
+
+def _route_template(app: FastAPI, request: Request) -> str:
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return getattr(route, "path", request.url.path)
+    return "unmatched"

@@ -1,0 +1,76 @@
+"""Settings at the edge: FRONTIER_* environment variables, an optional YAML file, CLI overrides.
+
+Engines never read Settings directly: the pool turns them into plain arguments, and runtime
+measurements (KV blocks that fit, say) are never written back here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _default_models_dir() -> Path:
+    return Path.home() / ".cache" / "frontier" / "models"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FRONTIER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    config_file: Path | None = Field(default=None, description="optional YAML file with these keys")
+    manifests_dir: Path = REPO_MANIFESTS
+    models_dir: Path = Field(default_factory=_default_models_dir)
+    data_dir: Path = Path("data")  # durable state (RAG collections)
+    # Models loaded at start; others listed in manifests load on first use if pulled.
+    models: list[str] = ["smollm2-135m-instruct", "all-minilm-l6-v2"]
+    default_chat_model: str = "smollm2-135m-instruct"
+    default_embedding_model: str = "all-minilm-l6-v2"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    engine: str = "auto"  # auto (native where the architecture is supported) | native | hf
+    quantization: str | None = None  # override every manifest's default: none | int8 | bf16
+    max_model_len: int | None = None  # cap on context length (default: the model's)
+    max_waiting_requests: int = 256
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    memory_budget_bytes: int = 8 * 1024**3  # weights of all loaded models together
+    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_tokens_default: int = 512
+    num_threads: int | None = None  # torch intra-op threads (default: the cores available)
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ):
+        # Precedence: explicit arguments (CLI) > environment > YAML file > defaults.
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        import os
+
+        path = os.environ.get("FRONTIER_CONFIG_FILE")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        return data

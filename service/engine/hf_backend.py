@@ -1,0 +1,149 @@
+"""The generic transformers backend: any AutoModelForCausalLM, one request at a time.
+
+Simple and slow next to the native engine, but it serves every architecture transformers knows.
+Requests are served in arrival order; the n sequences of one request run as one batch (same
+prompt, so no padding). Each `_step` is one forward, so aborts take effect within a token.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from service.engine.output_processor import SequenceOutput
+from service.engine.sampler import SamplingRow, make_generator, sample
+from service.engine.threaded import ThreadedEngine
+from service.engine.types import FinishReason, GenerationRequest, RequestOutput, RequestTooLarge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Seq:
+    out: SequenceOutput
+    row: SamplingRow
+    controller: object | None
+    forced: collections.deque = field(default_factory=collections.deque)
+
+
+@dataclass
+class _Active:
+    req: GenerationRequest
+    seqs: list[_Seq]
+    cache: object | None = None
+    next_input: torch.Tensor | None = None  # [n, t]
+
+
+class HFEngine(ThreadedEngine):
+    name = "hf"
+
+    def __init__(self, model, tokenizer, eos_token_ids: set[int], max_model_len: int, max_waiting: int = 256):
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.max_waiting = max_waiting
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._active: _Active | None = None
+        self.num_steps = 0
+
+    def _validate(self, req: GenerationRequest) -> None:
+        from service.engine.types import EngineOverloaded
+
+        n = len(req.prompt_token_ids)
+        if n + 1 > self.max_model_len:
+            raise RequestTooLarge(
+                f"This model's maximum context length is {self.max_model_len} tokens; "
+                f"the prompt has {n} tokens."
+            )
+        if len(self._waiting) >= self.max_waiting:
+            raise EngineOverloaded(f"{len(self._waiting)} requests are waiting; try again shortly")
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_requests_running": 1.0 if self._active else 0.0,
+            "num_requests_waiting": float(len(self._waiting)),
+        }
+
+    def _add(self, req: GenerationRequest) -> None:
+        self._waiting.append(req)
+
+    def _has_work(self) -> bool:
+        return self._active is not None or bool(self._waiting)
+
+    def _drop(self, request_id: str) -> list[RequestOutput]:
+        for req in list(self._waiting):
+            if req.request_id == request_id:
+                self._waiting.remove(req)
+                return []
+        if self._active and self._active.req.request_id == request_id:
+            outs = [s.out.abort() for s in self._active.seqs if not s.out.finished]
+            self._active = None
+            return outs
+        return []
+
+    def _begin(self, req: GenerationRequest) -> _Active:
+        p = req.sampling
+        seqs = []
+        for i in range(p.n):
+            out = SequenceOutput(
+                req.request_id, i, p, self.tokenizer, self.eos_token_ids,
+                len(req.prompt_token_ids), self.max_model_len,
+            )
+            row = SamplingRow(p, make_generator(p.seed, i, self.device), out.token_ids, req.prompt_token_ids, [])
+            controller = req.controller_factory() if req.controller_factory else None
+            seqs.append(_Seq(out, row, controller))
+        ids = torch.tensor([req.prompt_token_ids] * p.n, device=self.device)
+        return _Active(req, seqs, None, ids)
+
+    def _step(self) -> list[RequestOutput]:
+        if self._active is None:
+            self._active = self._begin(self._waiting.popleft())
+        act = self._active
+        for s in act.seqs:
+            s.row.banned_token_ids = s.controller.banned_tokens(s.out.num_generated) if s.controller else []
+        # logits_to_keep=1: only the last position's logits (a prefill would otherwise build [n, T, V]).
+        result = self.model(input_ids=act.next_input, cache=act.cache, use_cache=True, logits_to_keep=1)
+        act.cache = result.cache
+        logits = result.logits[:, -1, :]  # [n, V]
+        token_ids, logprobs = sample(logits, [s.row for s in act.seqs])
+        token_list = token_ids.tolist()
+        outputs: list[RequestOutput] = []
+        for i, s in enumerate(act.seqs):
+            if s.out.finished:
+                continue
+            if s.forced:
+                token_list[i] = s.forced.popleft()
+            tok = token_list[i]
+            delta = s.out.append(tok, logprobs[i] if logprobs else None)
+            if s.controller and not s.out.finished:
+                s.forced.extend(s.controller.on_token(tok, s.out.num_generated))
+            if delta is not None:
+                outputs.append(delta)
+        self.num_steps += 1
+        act.next_input = torch.tensor(token_list, device=self.device).unsqueeze(1)
+        if all(s.out.finished for s in act.seqs):
+            self._active = None
+        return outputs
+
+
+def load_hf_engine(model_dir, device: torch.device, dtype: torch.dtype, max_model_len: int | None, max_waiting: int):
+    """Load a causal LM and its tokenizer from a local directory into an HFEngine."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    return HFEngine(model, tokenizer, eos_ids, min(limit, max_model_len or limit), max_waiting)
+
+
+__all__ = ["HFEngine", "load_hf_engine", "FinishReason"]

@@ -1,0 +1,112 @@
+"""Per-sequence postprocessing shared by every engine: stop conditions, stop strings, deltas.
+
+The engine hands each accepted token to `SequenceOutput.append`; it returns the delta to stream
+(text that can no longer turn out to be part of a stop string) and whether the sequence is done.
+"""
+
+from __future__ import annotations
+
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+
+class SequenceOutput:
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        params: SamplingParams,
+        tokenizer,
+        eos_token_ids: set[int],
+        num_prompt_tokens: int,
+        max_model_len: int,
+    ):
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.eos_token_ids = set() if params.ignore_eos else set(eos_token_ids)
+        self.stop_token_ids = set(params.stop_token_ids)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_model_len = max_model_len
+        self.token_ids: list[int] = []
+        self.text = ""  # all text decoded so far (stop strings cut off)
+        self.num_emitted_chars = 0
+        self.finished = False
+        self.finish_reason: FinishReason | None = None
+        self._pending_ids: list[int] = []
+        self._pending_logprobs: list[TokenLogprob] = []
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids)
+
+    def append(self, token_id: int, logprob: TokenLogprob | None = None) -> RequestOutput | None:
+        """Accept one generated token. Returns a delta to stream, or None when nothing is new."""
+        assert not self.finished, "token appended to a finished sequence"
+        self.token_ids.append(token_id)
+        self._pending_ids.append(token_id)
+        if logprob is not None:
+            self._pending_logprobs.append(logprob)
+        if token_id in self.eos_token_ids or token_id in self.stop_token_ids:
+            self._finish(FinishReason.STOP)
+        else:
+            self.text += self.detok.push(token_id)
+            if self.params.stop and self._cut_at_stop_string():
+                self._finish(FinishReason.STOP)
+            elif self.num_generated >= self.params.max_tokens:
+                self._finish(FinishReason.LENGTH)
+            elif self.num_prompt_tokens + self.num_generated >= self.max_model_len:
+                self._finish(FinishReason.LENGTH)
+        return self._delta()
+
+    def abort(self, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> RequestOutput:
+        self.finished, self.finish_reason = True, reason
+        out = self._delta(force=True)
+        out.error = error
+        return out
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.finished, self.finish_reason = True, reason
+        if reason == FinishReason.LENGTH:
+            self.text += self.detok.flush()
+
+    def _cut_at_stop_string(self) -> bool:
+        # Only the tail can hold a new match: text before num_emitted_chars was already checked.
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, self.num_emitted_chars - longest)
+        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def _holdback(self) -> int:
+        """Characters at the end of the text that could still begin a stop string."""
+        if not self.params.stop or self.finished:
+            return 0
+        for k in range(min(max(len(s) for s in self.params.stop) - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.params.stop):
+                return k
+        return 0
+
+    def _delta(self, force: bool = False) -> RequestOutput | None:
+        end = len(self.text) - self._holdback()
+        new_text = self.text[self.num_emitted_chars : end] if end > self.num_emitted_chars else ""
+        if not (new_text or self.finished or force or self._pending_logprobs):
+            return None
+        self.num_emitted_chars = max(self.num_emitted_chars, end)
+        out = RequestOutput(
+            request_id=self.request_id,
+            index=self.index,
+            text=new_text,
+            token_ids=self._pending_ids,
+            logprobs=self._pending_logprobs if self.params.logprobs else None,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated,
+        )
+        self._pending_ids, self._pending_logprobs = [], []
+        return out

@@ -1,0 +1,135 @@
+"""Batched sampling with per-row parameters: one set of tensor ops for the whole batch.
+
+Rows may differ in temperature, top-k, top-p, min-p, penalties and seed. Seeded rows draw their
+noise from their own `torch.Generator`, so a seeded request samples the same tokens alone or in a
+batch (the exponential-race trick: argmax(p / q), q ~ Exp(1), is a draw from p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.engine.types import SamplingParams, TokenLogprob
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_token_ids: list[int]  # tokens generated so far by this row (for penalties)
+    prompt_token_ids: list[int]  # for the repetition penalty (applies to prompt and output)
+    banned_token_ids: list[int]
+
+
+def make_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    """A per-sequence generator: sequence `index` of a seeded request gets seed + index."""
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed + index) & 0xFFFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def _column(rows: list[SamplingRow], name: str, device, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor([getattr(r.params, name) for r in rows], device=device, dtype=dtype)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # logits: [B, V]
+    presence = [r.params.presence_penalty for r in rows]
+    frequency = [r.params.frequency_penalty for r in rows]
+    repetition = [r.params.repetition_penalty for r in rows]
+    device = logits.device
+    if any(p != 0.0 for p in presence) or any(f != 0.0 for f in frequency):
+        counts = torch.zeros_like(logits)
+        for i, r in enumerate(rows):  # scatter of a few hundred ids per row, cheap next to a forward
+            if r.output_token_ids:
+                ids = torch.tensor(r.output_token_ids, device=device)
+                counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
+        pres = torch.tensor(presence, device=device).unsqueeze(1)
+        freq = torch.tensor(frequency, device=device).unsqueeze(1)
+        logits = logits - freq * counts - pres * (counts > 0).to(logits.dtype)
+    if any(p != 1.0 for p in repetition):
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids = r.prompt_token_ids + r.output_token_ids
+            if ids:
+                seen[i, torch.tensor(ids, device=device)] = True
+        rep = torch.tensor(repetition, device=device).unsqueeze(1).expand_as(logits)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    return logits
+
+
+def _ban(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    if not any(r.banned_token_ids for r in rows):
+        return logits
+    logits = logits.clone()
+    for i, r in enumerate(rows):
+        if r.banned_token_ids:
+            logits[i, r.banned_token_ids] = float("-inf")
+    return logits
+
+
+def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on the rows that sample. logits: [B, V] -> scaled logits."""
+    device = logits.device
+    vocab = logits.shape[-1]
+    temps = _column(rows, "temperature", device).clamp_min(1e-5).unsqueeze(1)
+    logits = logits / temps
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
+    top_p = _column(rows, "top_p", device)
+    min_p = _column(rows, "min_p", device)
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()) or bool((min_p > 0).any()):
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=device).unsqueeze(0)
+        drop = ranks >= top_k.unsqueeze(1)
+        probs = sorted_logits.softmax(dim=-1)
+        cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above this token
+        drop |= cum_before > top_p.unsqueeze(1)
+        drop |= probs < (min_p.unsqueeze(1) * probs[:, :1])
+        drop[:, 0] = False  # always keep the best token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, list[TokenLogprob] | None]:
+    """logits: [B, V] float32 (raw model output for the next position). Returns token ids [B]."""
+    raw = logits
+    logits = _ban(apply_penalties(logits.float(), rows), rows)
+    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+    chosen = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        probs = _filter(logits, rows).softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        chosen = torch.where(greedy, chosen, sampled)
+    logprobs = None
+    if any(r.params.logprobs for r in rows):
+        logprobs = _logprobs(raw, chosen, rows)
+    return chosen, logprobs
+
+
+def _logprobs(raw: torch.Tensor, chosen: torch.Tensor, rows: list[SamplingRow]) -> list[TokenLogprob]:
+    """Logprobs of the model's own distribution (before sampling transforms), as vLLM reports them."""
+    lp = torch.log_softmax(raw.float(), dim=-1)
+    k = max(r.params.top_logprobs for r in rows)
+    chosen_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    top_vals, top_ids = (lp.topk(k, dim=-1) if k > 0 else (None, None))
+    out = []
+    for i, r in enumerate(rows):
+        top = []
+        if r.params.top_logprobs > 0:
+            n = r.params.top_logprobs
+            top = list(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist()))
+        out.append(TokenLogprob(token_id=int(chosen[i]), logprob=chosen_lp[i], top=top))
+    return out

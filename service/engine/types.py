@@ -1,0 +1,118 @@
+"""Request/response types shared by every engine, and the Engine protocol the API talks to.
+
+The API layer builds a `GenerationRequest` and consumes `RequestOutput` deltas; it never knows
+which engine implementation serves it.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, runtime_checkable
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # client went away or the server shut down
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 1e-5 or self.top_k == 1
+
+
+class TokenController(Protocol):
+    """Per-request hook called after every accepted token (reasoning budgets, structured output).
+
+    `on_token` returns token ids the engine must emit next (forced, no sampling), or an empty list.
+    `banned_tokens` returns ids whose logits are set to -inf for the next sampling step.
+    """
+
+    def on_token(self, token_id: int, num_generated: int) -> list[int]: ...
+
+    def banned_tokens(self, num_generated: int) -> list[int]: ...
+
+
+@dataclass
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # One controller per output sequence (index = sequence index), built by a factory so that
+    # n > 1 sequences never share mutable state.
+    controller_factory: object | None = None  # Callable[[], TokenController]
+    arrival_time: float = 0.0
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """One delta for one output sequence (`index` in 0..n-1) of a request."""
+
+    request_id: str
+    index: int
+    text: str  # new text since the last delta (never a broken UTF-8 sequence)
+    token_ids: list[int]  # new token ids since the last delta
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0  # cumulative for this sequence
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the API needs from an engine. Implementations: native (paged KV) and transformers."""
+
+    max_model_len: int
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full: the API answers 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(Exception):
+    """The request can never fit (context or KV pool): the API answers 400."""

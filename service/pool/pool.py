@@ -1,0 +1,184 @@
+"""The model pool: which loaded model serves a request; loads on demand under a memory budget.
+
+Models named in settings.models load at start (and are pinned). Any other pulled model loads on
+first use; when the weights of all loaded models would exceed the budget, the least recently used
+unpinned model with no request in flight is unloaded first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.config import Settings
+from service.pool.device import resolve_device, resolve_dtype
+from service.pool.manifest import Manifest, ManifestError, Quantization, Registry, Task
+from service.pool.sources import is_pulled, model_dir
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(Exception):
+    """Unknown id, or known but not pulled: the API answers 404 with what to do."""
+
+
+class PoolFull(Exception):
+    """Loading this model would exceed the memory budget even after unloading idle models."""
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    path: Path
+    size_bytes: int
+    engine: object | None = None  # Engine for chat/completion models
+    embedder: object | None = None  # Embedder for embedding models
+    tokenizer: object | None = None
+    engine_kind: str = ""
+    pinned: bool = False
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    @property
+    def max_model_len(self) -> int:
+        if self.engine is not None:
+            return self.engine.max_model_len
+        return self.embedder.max_seq_length
+
+
+def weights_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors")) or sum(
+        p.stat().st_size for p in path.rglob("*.bin"))
+
+
+class ModelPool:
+    def __init__(self, settings: Settings, registry: Registry):
+        self.settings = settings
+        self.registry = registry
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.loaded: dict[str, LoadedModel] = {}
+        self._lock = asyncio.Lock()
+
+    # ---- lookup ----
+    def state(self, model_id: str) -> str:
+        if model_id in self.loaded:
+            return "loaded"
+        m = self.registry.manifests[model_id]
+        return "available" if is_pulled(self.settings.models_dir, m) else "not_pulled"
+
+    async def get(self, model_id: str, task: Task | None = None) -> LoadedModel:
+        lm = self.loaded.get(model_id)
+        if lm is None:
+            lm = await self.load(model_id)
+        lm.last_used = time.monotonic()
+        return lm
+
+    # ---- loading ----
+    async def load(self, model_id: str, pinned: bool = False) -> LoadedModel:
+        try:
+            m = self.registry.get(model_id)
+        except ManifestError as exc:
+            raise ModelNotFound(str(exc)) from None
+        async with self._lock:
+            if model_id in self.loaded:
+                return self.loaded[model_id]
+            if not is_pulled(self.settings.models_dir, m):
+                raise ModelNotFound(
+                    f"model {model_id!r} is known but not pulled; run `frontier pull {model_id}` first")
+            path = model_dir(self.settings.models_dir, m)
+            size = weights_size(path)
+            await self._make_room(size, model_id)
+            t0 = time.monotonic()
+            lm = await asyncio.to_thread(self._load_sync, m, path, size)
+            lm.pinned = pinned
+            if lm.engine is not None:
+                await lm.engine.start()
+            self.loaded[model_id] = lm
+            log.info("loaded %s (%s engine, %.1f MB) in %.1fs", model_id, lm.engine_kind or "embedding",
+                     size / 1e6, time.monotonic() - t0)
+            return lm
+
+    async def _make_room(self, size: int, model_id: str) -> None:
+        budget = self.settings.memory_budget_bytes
+        while sum(x.size_bytes for x in self.loaded.values()) + size > budget:
+            idle = [x for x in self.loaded.values() if not x.pinned and x.in_flight == 0]
+            if not idle:
+                used = sum(x.size_bytes for x in self.loaded.values())
+                raise PoolFull(
+                    f"loading {model_id!r} ({size / 1e6:.0f} MB) would exceed the memory budget "
+                    f"({budget / 1e6:.0f} MB, {used / 1e6:.0f} MB in use); raise FRONTIER_MEMORY_BUDGET_BYTES")
+            victim = min(idle, key=lambda x: x.last_used)
+            await self.unload(victim.id)
+
+    async def unload(self, model_id: str) -> None:
+        lm = self.loaded.pop(model_id, None)
+        if lm and lm.engine is not None:
+            await lm.engine.shutdown()
+        log.info("unloaded %s", model_id)
+
+    def _quantization(self, m: Manifest) -> str:
+        if self.device.type == "cuda":
+            return Quantization.NONE.value  # bf16 weights on CUDA (dtype setting)
+        return self.settings.quantization or m.quantization.value
+
+    def _load_sync(self, m: Manifest, path: Path, size: int) -> LoadedModel:
+        lm = LoadedModel(manifest=m, path=path, size_bytes=size)
+        if m.task == Task.EMBEDDING:
+            from service.pool.embedder import Embedder
+
+            lm.embedder = Embedder(path, self.device)
+            lm.tokenizer = lm.embedder.tokenizer
+            return lm
+        lm.engine, lm.engine_kind = self._load_engine(m, path)
+        lm.tokenizer = lm.engine.tokenizer
+        if m.chat_template:
+            lm.tokenizer.chat_template = m.chat_template
+        return lm
+
+    def _load_engine(self, m: Manifest, path: Path):
+        s = self.settings
+        max_len = min(x for x in (m.context_length, s.max_model_len) if x) if (m.context_length or s.max_model_len) else None
+        extra_eos = m.eos_tokens
+        if s.engine in ("auto", "native"):
+            try:
+                from service.engine.native import load_native_engine
+                from service.modeling.loader import UnsupportedArchitecture
+
+                try:
+                    engine = load_native_engine(path, self.device, self.dtype, max_len, s.max_waiting_requests,
+                                                s.kv_cache_memory_bytes, self._quantization(m))
+                    _add_eos(engine, extra_eos)
+                    return engine, "native"
+                except UnsupportedArchitecture as exc:
+                    if s.engine == "native":
+                        raise
+                    log.info("%s: %s; using the transformers backend", m.id, exc)
+            except ImportError as exc:
+                if s.engine == "native":
+                    raise
+                log.info("native engine unavailable (%s); using the transformers backend", exc)
+        from service.engine.hf_backend import load_hf_engine
+
+        engine = load_hf_engine(path, self.device, self.dtype, max_len, s.max_waiting_requests)
+        _add_eos(engine, extra_eos)
+        return engine, "hf"
+
+    async def shutdown(self) -> None:
+        for model_id in list(self.loaded):
+            await self.unload(model_id)
+
+
+def _add_eos(engine, tokens: list[str]) -> None:
+    for tok in tokens:
+        tid = engine.tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid >= 0:
+            engine.eos_token_ids.add(tid)
