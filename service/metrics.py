@@ -30,6 +30,15 @@ class Metrics:
         self.finished = Counter("frontier_request_success", "Finished generations by finish reason",
                                 ["model", "finish_reason"], registry=r)
         self.embedding_inputs = Counter("frontier_embedding_inputs", "Texts embedded", ["model"], registry=r)
+        self.reasoning_tokens = Counter("frontier_reasoning_tokens", "Thinking tokens generated", ["model"],
+                                        registry=r)
+        self.reasoning_budget_forced = Counter("frontier_reasoning_budget_forced",
+                                               "Thoughts ended by the maximum budget", ["model"], registry=r)
+        self.reasoning_extensions = Counter("frontier_reasoning_extensions",
+                                            "Continuation cues inserted below the minimum budget", ["model"],
+                                            registry=r)
+        self.reasoning_votes = Counter("frontier_reasoning_votes", "Self-consistency paths voted", ["model"],
+                                       registry=r)
 
     def watch_pool(self, pool) -> None:
         self.registry.register(_EngineStatsCollector(pool))

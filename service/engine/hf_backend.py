@@ -119,6 +119,10 @@ class HFEngine(ThreadedEngine):
                 continue
             if s.forced:
                 token_list[i] = s.forced.popleft()
+            elif s.controller is not None:
+                replacement = s.controller.rewrite(token_list[i], s.out.num_generated)
+                token_list[i] = replacement[0]
+                s.forced.extend(replacement[1:])
             tok = token_list[i]
             delta = s.out.append(tok, logprobs[i] if logprobs else None)
             if s.controller and not s.out.finished:

@@ -43,11 +43,16 @@ class SamplingParams:
 
 
 class TokenController(Protocol):
-    """Per-request hook called after every accepted token (reasoning budgets, structured output).
+    """Per-sequence hook the engine calls around every token (reasoning budgets, structured output).
 
-    `on_token` returns token ids the engine must emit next (forced, no sampling), or an empty list.
     `banned_tokens` returns ids whose logits are set to -inf for the next sampling step.
+    `rewrite` sees each *sampled* token before it is accepted and returns the tokens to accept
+    instead (usually `[token_id]`; the first is accepted now, the rest are forced next).
+    `on_token` is called after every accepted token, sampled or forced, and returns token ids the
+    engine must emit next (forced, no sampling), or an empty list.
     """
+
+    def rewrite(self, token_id: int, num_generated: int) -> list[int]: ...
 
     def on_token(self, token_id: int, num_generated: int) -> list[int]: ...
 
