@@ -16,7 +16,7 @@ import torch
 from service.engine.output_processor import SequenceOutput
 from service.engine.sampler import SamplingRow, make_generator, sample
 from service.engine.threaded import ThreadedEngine
-from service.engine.types import FinishReason, GenerationRequest, RequestOutput, RequestTooLarge
+from service.engine.types import FinishReason, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,10 @@ class HFEngine(ThreadedEngine):
                 token_list[i] = replacement[0]
                 s.forced.extend(replacement[1:])
             tok = token_list[i]
-            delta = s.out.append(tok, logprobs[i] if logprobs else None)
+            lp = logprobs[i] if logprobs else None
+            if lp is not None and lp.token_id != tok:  # forced/rewritten: report the accepted token
+                lp = TokenLogprob(tok, float(torch.log_softmax(logits[i].float(), -1)[tok]), lp.top)
+            delta = s.out.append(tok, lp)
             if s.controller and not s.out.finished:
                 s.forced.extend(s.controller.on_token(tok, s.out.num_generated))
             if delta is not None:

