@@ -45,6 +45,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = 8 * 1024 * 1024
     max_tokens_default: int = 512
     num_threads: int | None = None  # torch intra-op threads (default: the cores available)
+    # RAG (collections under data_dir/rag): defaults for new collections, limits, index tuning
+    rag_chunk_size: int = 200  # tokens of the embedding model per chunk
+    rag_chunk_overlap: int = 40  # tokens carried over between consecutive chunks
+    rag_ann_threshold: int = 50_000  # exact (flat) search up to this many vectors, HNSW above
+    rag_hnsw_m: int = 32
+    rag_ef_construction: int = 64
+    rag_ef_search: int = 128
+    rag_max_file_bytes: int = 5 * 1024 * 1024  # per uploaded file (413 above)
+    rag_max_chunks_per_request: int = 2000  # 413 above
+    rag_max_documents_per_request: int = 256
+    rag_save_interval_s: float = 2.0  # how often changed indexes are written (SQLite is the truth)
     log_level: str = "info"
 
     @classmethod

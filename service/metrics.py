@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_SEARCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -30,6 +31,11 @@ class Metrics:
         self.finished = Counter("frontier_request_success", "Finished generations by finish reason",
                                 ["model", "finish_reason"], registry=r)
         self.embedding_inputs = Counter("frontier_embedding_inputs", "Texts embedded", ["model"], registry=r)
+        self.rag_ingest_latency = Histogram("frontier_rag_ingest_latency_seconds",
+                                            "RAG ingest request latency (chunk, embed, durable write)",
+                                            ["collection"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.rag_search_latency = Histogram("frontier_rag_search_latency_seconds", "RAG search latency",
+                                            ["collection", "mode"], buckets=_SEARCH_BUCKETS, registry=r)
         self.reasoning_tokens = Counter("frontier_reasoning_tokens", "Thinking tokens generated", ["model"],
                                         registry=r)
         self.reasoning_budget_forced = Counter("frontier_reasoning_budget_forced",
@@ -42,6 +48,27 @@ class Metrics:
 
     def watch_pool(self, pool) -> None:
         self.registry.register(_EngineStatsCollector(pool))
+
+    def watch_rag(self, store) -> None:
+        self.registry.register(_RagStatsCollector(store))
+
+
+class _RagStatsCollector:
+    """frontier_rag_{documents,chunks,vectors}{collection} from the store's counts at scrape time."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        fams = {k: GaugeMetricFamily(f"frontier_rag_{k}", f"RAG {k} per collection", labels=["collection"])
+                for k in ("documents", "chunks", "vectors")}
+        try:
+            for name, s in self.store.stats().items():
+                for k in fams:
+                    fams[k].add_metric([name], float(s[f"num_{k}"]))
+        except Exception:  # metrics never break anything
+            pass
+        yield from fams.values()
 
 
 class _EngineStatsCollector:

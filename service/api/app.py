@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from starlette.routing import Match
 
 from service.api.errors import APIError, error_response, install_error_handlers
-from service.api.routes import chat, completions, embeddings, system
+from service.api.routes import chat, completions, embeddings, rag, system
 from service.config import Settings
 from service.metrics import Metrics
 from service.pool.manifest import Registry
@@ -27,6 +27,7 @@ class AppState:
     pool: ModelPool
     metrics: Metrics
     load_error: str | None = None
+    rag: object | None = None  # service.rag.store.RagStore: collections under settings.data_dir/rag
 
 
 async def _load_defaults(st: AppState) -> None:
@@ -49,20 +50,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     metrics.watch_pool(pool)
     st = AppState(settings, pool, metrics)
+    st.rag = rag.build_store(settings, pool, metrics)
+    metrics.watch_rag(st.rag)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = asyncio.create_task(_load_defaults(st))
+        await st.rag.start()  # verifies each collection's index against SQLite, rebuilds what is broken
         try:
             yield
         finally:
             loader.cancel()
+            await st.rag.close()  # saves changed indexes
             await pool.shutdown()
 
     app = FastAPI(title="Frontier", version="0.1.0", lifespan=lifespan)
     app.state.frontier = st
     install_error_handlers(app)
-    for r in (system.router, chat.router, completions.router, embeddings.router):
+    for r in (system.router, chat.router, completions.router, embeddings.router, rag.router):
         app.include_router(r)
 
     @app.middleware("http")

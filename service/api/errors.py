@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine.types import EngineOverloaded, RequestTooLarge
 from service.pool.pool import ModelNotFound, PoolFull
+from service.rag.errors import RagError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def to_api_error(exc: Exception) -> APIError:
                         headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, PoolFull):
         return APIError(503, str(exc), type="server_error", code="insufficient_memory")
+    if isinstance(exc, RagError):
+        return APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
     log.error("unhandled error", exc_info=exc)
     return APIError(500, "internal server error", type="server_error")
 
@@ -80,5 +83,5 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _json(_: Request, exc: json.JSONDecodeError):
         return error_response(APIError(400, f"malformed JSON body: {exc}"))
 
-    for kind in (APIError, ModelNotFound, RequestTooLarge, EngineOverloaded, PoolFull, Exception):
+    for kind in (APIError, ModelNotFound, RequestTooLarge, EngineOverloaded, PoolFull, RagError, Exception):
         app.add_exception_handler(kind, lambda _r, exc: error_response(to_api_error(exc)))

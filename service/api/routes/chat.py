@@ -16,6 +16,7 @@ from service.api.schemas.openai import ChatCompletionRequest
 from service.api.streaming import sse_response
 from service.engine.types import GenerationRequest
 from service.pool.manifest import Task
+from service.rag.grounding import ground
 from service.reasoning.controller import ThinkingFormat
 from service.reasoning.params import parse_reasoning
 from service.reasoning.plan import ReasoningPlan
@@ -59,6 +60,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                        code="images_not_supported")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
+    citations = None
+    if body.rag is not None:  # RAG: numbered sources as the first (system) message, citations beside the answer
+        messages, citations = await ground(st.rag, body.rag, messages, lm.tokenizer,
+                                           lambda msgs: render_chat(lm.tokenizer, msgs, lm.id), lm.max_model_len,
+                                           body.max_completion_tokens or body.max_tokens,
+                                           st.settings.max_tokens_default)
     prompt = await asyncio.to_thread(render_chat, lm.tokenizer, messages, lm.id)
     prompt_ids = await _encode(lm.tokenizer, prompt)
     plan = _reasoning_plan(body, lm, len(prompt_ids))
@@ -85,7 +92,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stream = indexed(run_request(lm.engine, greq, st.metrics, lm.id), 0)
     meta = dict(lm=lm, completion_id=completion_id, created=created, num_prompt=len(prompt_ids),
-                logprobs=body.logprobs, plan=plan)
+                logprobs=body.logprobs, plan=plan, citations=citations)
     if body.stream and not (plan and plan.self_consistency):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(stream, params.n, include_usage, **meta))
@@ -108,7 +115,7 @@ def _message(c: Choice, plan: ReasoningPlan | None) -> dict:
             "reasoning": splitter.reasoning}
 
 
-def _response(choices, lm, completion_id, created, num_prompt, logprobs, plan, st) -> dict:
+def _response(choices, lm, completion_id, created, num_prompt, logprobs, plan, st, citations=None) -> dict:
     completion_tokens = sum(c.num_generated for c in choices.values())
     out = {"id": completion_id, "object": "chat.completion", "created": created, "model": lm.id,
            "system_fingerprint": f"frontier-{lm.engine_kind}"}
@@ -126,10 +133,12 @@ def _response(choices, lm, completion_id, created, num_prompt, logprobs, plan, s
             out["reasoning_votes"] = votes
     out["choices"] = items
     out["usage"] = usage(num_prompt, completion_tokens, reasoning_tokens)
+    if citations is not None:
+        out["citations"] = citations
     return out
 
 
-async def _stream(stream, n, include_usage, lm, completion_id, created, num_prompt, logprobs, plan):
+async def _stream(stream, n, include_usage, lm, completion_id, created, num_prompt, logprobs, plan, citations=None):
     def chunk(choices, usage_=None):
         c = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": lm.id,
              "system_fingerprint": f"frontier-{lm.engine_kind}", "choices": choices}
@@ -147,8 +156,11 @@ async def _stream(stream, n, include_usage, lm, completion_id, created, num_prom
 
     splitters = [plan.splitter() if plan else None for _ in range(n)]
     for i in range(n):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+        first = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}])
+        if citations is not None and i == 0:
+            first["citations"] = citations
+        yield first
     generated = [0] * n
     async for idx, out in stream:
         generated[idx] = out.num_generated_tokens
@@ -172,7 +184,10 @@ async def _replay(response: dict, include_usage: bool):
     base["object"] = "chat.completion.chunk"
     choice = response["choices"][0]
     msg = choice["message"]
-    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    if "citations" in response:
+        first["citations"] = response["citations"]
+    yield first
     if msg.get("reasoning_content"):
         yield {**base, "choices": [{"index": 0, "delta": {"reasoning_content": msg["reasoning_content"],
                                                           "reasoning": msg["reasoning_content"]},

@@ -1,0 +1,23 @@
+"""RAG domain errors. They carry their HTTP status; service/api/errors.py maps them to the envelope."""
+
+from __future__ import annotations
+
+
+class RagError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        return "not_found_error" if self.status == 404 else "invalid_request_error"
+
+
+def collection_not_found(name: str) -> RagError:
+    return RagError(404, f"collection {name!r} does not exist; create it with POST /v1/rag/collections",
+                    param="collection", code="collection_not_found")
+
+
+def document_not_found(collection: str, doc_id: str) -> RagError:
+    return RagError(404, f"document {doc_id!r} does not exist in collection {collection!r}",
+                    param="document_id", code="document_not_found")
