@@ -119,7 +119,7 @@ class HFEngine(ThreadedEngine):
                 continue
             if s.forced:
                 token_list[i] = s.forced.popleft()
-            elif s.controller is not None:
+            elif s.controller is not None and hasattr(s.controller, "rewrite"):
                 replacement = s.controller.rewrite(token_list[i], s.out.num_generated)
                 token_list[i] = replacement[0]
                 s.forced.extend(replacement[1:])

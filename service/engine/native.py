@@ -1,0 +1,219 @@
+"""The native engine: continuous batching over a paged KV cache for Llama-family models.
+
+`_step` reads schedule -> run -> sample -> postprocess. The n sequences of a request are separate
+scheduler sequences that share their prompt blocks through the prefix cache (the first computes
+the prompt; the others start once it is cached). Per-sequence state (sampling row with its seeded
+generator, output processor, token controller) lives in `Sequence.payload`, never in the engine.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from service.engine.kv_cache import BlockManager, kv_bytes_per_block
+from service.engine.output_processor import SequenceOutput
+from service.engine.runner import ModelRunner
+from service.engine.sampler import SamplingRow, make_generator, sample
+from service.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from service.engine.threaded import ThreadedEngine
+from service.engine.types import (
+    EngineOverloaded, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class _SeqState:
+    out: SequenceOutput
+    row: SamplingRow
+    controller: object | None
+    forced: collections.deque = field(default_factory=collections.deque)
+
+
+class NativeEngine(ThreadedEngine):
+    name = "native"
+
+    def __init__(self, model, tokenizer, eos_token_ids: set[int], max_model_len: int, max_waiting: int = 256,
+                 kv_cache_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 256, enable_prefix_caching: bool = True):
+        super().__init__()
+        cfg = model.config
+        self.model, self.tokenizer, self.eos_token_ids = model, tokenizer, set(eos_token_ids)
+        self.runner_dtype = model.model.embed_tokens.weight.dtype
+        per_block = kv_bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.runner_dtype)
+        self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        num_blocks = self.kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} is below one KV block ({per_block} bytes)")
+        self.kv_capacity_tokens = num_blocks * block_size
+        self.model_len_limit = max_model_len
+        self.max_model_len = min(max_model_len, self.kv_capacity_tokens)
+        self.max_waiting = max_waiting
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs, max(max_num_batched_tokens, max_num_seqs)), self.block_manager
+        )
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.device = self.runner.device
+        self._num_requests = 0  # requests added and not finished (worker thread only)
+        self._stats: dict[str, float] = {}
+        self.num_steps = 0
+        self._update_stats(0.0, 0, 0)
+
+    # ---- admission (event loop thread) ----
+    def _validate(self, req: GenerationRequest) -> None:
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise RequestTooLarge("The prompt is empty; at least one token is required.")
+        if n + 1 > self.max_model_len:
+            why = (f"the KV cache holds {self.kv_capacity_tokens} tokens (kv_cache_bytes={self.kv_cache_bytes})"
+                   if self.max_model_len < self.model_len_limit else
+                   f"this model's maximum context length is {self.max_model_len} tokens")
+            raise RequestTooLarge(f"The prompt has {n} tokens and cannot fit: {why}; at least 1 token must be generated.")
+        vocab = self.model.config.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {vocab}).")
+        pending = self.scheduler.num_waiting + self._inbox.qsize()
+        if pending >= self.max_waiting:
+            raise EngineOverloaded(f"{pending} requests are waiting (limit {self.max_waiting}); try again shortly")
+
+    # ---- worker thread hooks ----
+    def _add(self, req: GenerationRequest) -> None:
+        p, prompt = req.sampling, list(req.prompt_token_ids)
+        seqs = []
+        for i in range(p.n):
+            out = SequenceOutput(req.request_id, i, p, self.tokenizer, self.eos_token_ids, len(prompt), self.max_model_len)
+            row = SamplingRow(p, make_generator(p.seed, i, self.device), out.token_ids, prompt, [])
+            controller = req.controller_factory() if req.controller_factory else None
+            seqs.append(Sequence(req.request_id, i, list(prompt), len(prompt), payload=_SeqState(out, row, controller)))
+        self.scheduler.add(seqs)
+        self._num_requests += 1
+
+    def _drop(self, request_id: str) -> list[RequestOutput]:
+        seqs = self.scheduler.abort(request_id)
+        outs = [s.payload.out.abort() for s in seqs if not s.payload.out.finished]
+        if seqs:
+            self._num_requests -= 1
+            self._refresh_queue_stats()  # an abort may leave the engine idle: no step will refresh them
+        return outs
+
+    def _refresh_queue_stats(self) -> None:
+        running = {s.request_id for s in self.scheduler.running}
+        self._stats = {**self._stats, "num_requests_running": float(len(running)),
+                       "num_requests_waiting": float(max(0, self._num_requests - len(running))),
+                       "kv_cache_usage_perc": self.block_manager.usage}
+
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()  # schedule
+        if not batch:
+            return []
+        samplers, logits = self.runner.run(batch)  # run
+        self.scheduler.on_step_done(batch)
+        outputs = self._sample_and_process(samplers, logits) if samplers else []
+        self.num_steps += 1
+        self._update_stats(time.perf_counter() - t0, len(batch), sum(it.num_tokens for it in batch))
+        return outputs
+
+    def _sample_and_process(self, samplers, logits: torch.Tensor) -> list[RequestOutput]:
+        states: list[_SeqState] = [it.seq.payload for it in samplers]
+        for st in states:  # controllers may ban tokens for this sample (e.g. end-of-thinking too early)
+            st.row.banned_token_ids = st.controller.banned_tokens(st.out.num_generated) if st.controller else []
+        token_ids, logprobs = sample(logits, [st.row for st in states])  # sample
+        outputs: list[RequestOutput] = []
+        for i, (it, st, tok) in enumerate(zip(samplers, states, token_ids.tolist())):  # postprocess
+            lp = logprobs[i] if logprobs else None
+            if st.forced:
+                tok = st.forced.popleft()
+            elif st.controller is not None and hasattr(st.controller, "rewrite"):  # e.g. "Wait," instead of ending a thought too early
+                replacement = st.controller.rewrite(tok, st.out.num_generated)
+                tok = replacement[0]
+                st.forced.extend(replacement[1:])
+            if lp is not None and lp.token_id != tok:
+                lp = TokenLogprob(tok, float(torch.log_softmax(logits[i].float(), -1)[tok]), lp.top)
+            seq = it.seq
+            seq.token_ids.append(tok)
+            delta = st.out.append(tok, lp)
+            if st.controller is not None and not st.out.finished:
+                st.forced.extend(st.controller.on_token(tok, st.out.num_generated))
+            if delta is not None:
+                delta.num_cached_tokens = seq.num_cached_tokens
+                outputs.append(delta)
+            if st.out.finished:
+                self.scheduler.finish(seq)
+                if all(s.payload.out.finished for s in seq.siblings):
+                    self._num_requests -= 1
+        return outputs
+
+    # ---- stats (read from any thread: the worker swaps in a fresh dict) ----
+    def _update_stats(self, step_s: float, batch_size: int, num_tokens: int) -> None:
+        running = {s.request_id for s in self.scheduler.running}
+        bm = self.block_manager
+        self._stats = {
+            "num_requests_running": float(len(running)),
+            "num_requests_waiting": float(max(0, self._num_requests - len(running))),
+            "kv_cache_usage_perc": bm.usage,  # fraction 0..1, as vLLM reports it
+            "kv_cache_num_blocks": float(bm.num_blocks),
+            "prefix_cache_queries": float(bm.num_prefix_queries),
+            "prefix_cache_hits": float(bm.num_prefix_hits),
+            "num_preemptions": float(self.scheduler.num_preemptions),
+            "last_step_seconds": step_s,
+            "last_batch_size": float(batch_size),
+            "last_num_batched_tokens": float(num_tokens),
+            "num_steps": float(self.num_steps),
+        }
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+
+def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except Exception:  # no generation_config.json (GGUF, bare checkpoints): the tokenizer decides
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def load_native_engine(model_dir, device: torch.device | str, dtype: torch.dtype, max_model_len: int | None,
+                       max_waiting: int, kv_cache_bytes: int | None = None, quantization: str | None = None,
+                       **engine_kwargs) -> NativeEngine:
+    """Load a Llama-family model (safetensors dir or GGUF) into a NativeEngine.
+
+    Raises `service.modeling.loader.UnsupportedArchitecture` for models the native code cannot run."""
+    from transformers import AutoTokenizer
+
+    from service.modeling.loader import find_gguf, load_model, read_config
+
+    path = Path(model_dir)
+    cfg = read_config(path)  # raises UnsupportedArchitecture before any weight is read
+    limit = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_model(path, device, dtype, max_positions=limit)
+    if quantization:
+        from service.modeling.quant import quantize_model
+
+        model = quantize_model(model, quantization) or model
+    eos = _eos_ids(path if gguf is None else gguf.parent, tokenizer)
+    return NativeEngine(model, tokenizer, eos, limit, max_waiting, kv_cache_bytes, **engine_kwargs)

@@ -1,0 +1,149 @@
+"""One model forward over a flattened, mixed batch (decode rows + prefill chunks) on a paged KV cache.
+
+Tokens of all scheduled sequences are concatenated: decode rows first, then prefill chunks. Each
+layer writes the new K/V into the pool at `slot_mapping`, then attends per group of rows:
+  - decode group: one query token per row; rows are batched, the kv heads' query heads are folded
+    into the query-length axis ([B, Hkv, rep, D]) so GQA needs no K/V repeat;
+  - prefill group: each chunk attends causally to its cached prefix + itself (padded if several).
+A group's K/V are gathered block-wise with one `index_select` into a reused workspace (measured
+~3x faster than advanced indexing into a fresh tensor on this CPU), then torch SDPA with an additive
+mask (padding, causality, sliding window) built once per step, not per layer. No device-specific
+code: the same path runs on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from service.engine.kv_cache import allocate_kv_pool
+from service.engine.scheduler import ScheduledSeq
+
+
+@dataclass
+class _Group:
+    start: int  # first flat token of the group
+    num_tokens: int
+    num_rows: int  # B
+    q_len: int  # T (1 for decode)
+    num_blocks: int  # nb: blocks per row after padding
+    block_ids: torch.Tensor  # [B * nb]
+    mask: torch.Tensor  # [B, 1, rep * T (1 for decode), nb * block_size] additive (0 / -inf)
+    pad_index: torch.Tensor | None  # [B * T] group-local token per padded query slot (None: no padding)
+    valid_rows: torch.Tensor | None  # [num_tokens] padded slot of each real token
+
+
+class PagedAttention:
+    """The `attn(layer_idx, q, k, v)` callable the model uses for one step."""
+
+    def __init__(self, runner: "ModelRunner", slot_mapping: torch.Tensor, groups: list[_Group]):
+        self.r, self.slot_mapping, self.groups = runner, slot_mapping, groups
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [N, Hq, D]; k, v: [N, Hkv, D] -> [N, Hq, D]
+        r = self.r
+        cache = r.kv_pool[layer]  # [2, num_blocks, block_size, Hkv, D]
+        slots = cache.view(2, -1, r.num_kv_heads, r.head_dim)
+        slots[0].index_copy_(0, self.slot_mapping, k)
+        slots[1].index_copy_(0, self.slot_mapping, v)
+        outs = [self._attend(cache, g, q[g.start : g.start + g.num_tokens]) for g in self.groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _attend(self, cache: torch.Tensor, g: _Group, q: torch.Tensor) -> torch.Tensor:
+        r = self.r
+        B, T, hkv, rep, D = g.num_rows, g.q_len, r.num_kv_heads, r.rep, r.head_dim
+        n = B * g.num_blocks
+        ws = r.workspace(2 * n * r.block_numel).view(2, n, r.block_numel)
+        torch.index_select(cache.view(2, cache.shape[1], -1), 1, g.block_ids, out=ws)
+        kv = ws.view(2, B, g.num_blocks * r.block_size, hkv, D).transpose(2, 3)  # [2, B, Hkv, L, D]
+        if g.pad_index is not None:
+            q = q.index_select(0, g.pad_index)  # [B * T, Hq, D]
+        q = q.view(B, T, hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, rep * T, D)
+        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=g.mask)  # [B, Hkv, rep*T, D]
+        o = o.view(B, hkv, rep, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, hkv * rep, D)
+        return o if g.valid_rows is None else o.index_select(0, g.valid_rows)
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int):
+        cfg = model.config
+        self.model = model
+        weight = model.model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.block_size = block_size
+        self.num_kv_heads, self.head_dim = cfg.num_kv_heads, cfg.head_dim
+        self.rep = cfg.num_heads // cfg.num_kv_heads
+        self.block_numel = block_size * cfg.num_kv_heads * cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        self.kv_pool = allocate_kv_pool(
+            cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+        )
+        self._ws = torch.empty(0, dtype=self.dtype, device=self.device)
+
+    def workspace(self, numel: int) -> torch.Tensor:
+        if self._ws.numel() < numel:  # grow geometrically; reused by every layer and step
+            self._ws = torch.empty(max(numel, 2 * self._ws.numel()), dtype=self.dtype, device=self.device)
+        return self._ws[:numel]
+
+    def _group(self, items: list[ScheduledSeq], start: int) -> _Group:
+        bs, T = self.block_size, max(it.num_tokens for it in items)
+        B = len(items)
+        nb = max((it.start + it.num_tokens + bs - 1) // bs for it in items)
+        block_ids, q_pos, ctx, pad_index, valid_rows, offset = [], [], [], [], [], 0
+        for row, it in enumerate(items):
+            table = it.seq.block_table
+            need = (it.start + it.num_tokens + bs - 1) // bs
+            block_ids += table[:need] + [0] * (nb - need)
+            q_pos += [it.start + t for t in range(it.num_tokens)] + [0] * (T - it.num_tokens)
+            ctx.append(it.start + it.num_tokens)
+            pad_index += list(range(offset, offset + it.num_tokens)) + [offset] * (T - it.num_tokens)
+            valid_rows += range(row * T, row * T + it.num_tokens)
+            offset += it.num_tokens
+        dev = self.device
+        qp = torch.tensor(q_pos, device=dev).view(B, T, 1)
+        kp = torch.arange(nb * bs, device=dev).view(1, 1, -1)
+        allowed = (kp <= qp) & (kp < torch.tensor(ctx, device=dev).view(B, 1, 1))  # [B, T, L]
+        if self.sliding_window:
+            allowed &= kp > qp - self.sliding_window
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        if T == 1:  # decode: [B, 1, 1, L] broadcasts over the folded query heads
+            mask = mask.unsqueeze(1)
+        else:  # query slots are ordered (rep, t): repeat the causal rows once per folded head
+            mask = mask.unsqueeze(1).expand(B, self.rep, T, nb * bs).reshape(B, 1, self.rep * T, nb * bs)
+        padded = offset != B * T
+        return _Group(
+            start, offset, B, T, nb, torch.tensor(block_ids, device=dev), mask,
+            torch.tensor(pad_index, device=dev) if padded else None,
+            torch.tensor(valid_rows, device=dev) if padded else None,
+        )
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """Forward the step. Returns (the items that sample, their next-token logits [S, V] float32)."""
+        decode = [it for it in batch if it.num_tokens == 1]
+        prefill = [it for it in batch if it.num_tokens > 1]
+        ordered = decode + prefill
+        bs = self.block_size
+        input_ids, positions, slots, logits_index, samplers = [], [], [], [], []
+        for it in ordered:
+            table = it.seq.block_table
+            for pos in range(it.start, it.start + it.num_tokens):
+                slots.append(table[pos // bs] * bs + pos % bs)
+            positions += range(it.start, it.start + it.num_tokens)
+            input_ids += it.seq.token_ids[it.start : it.start + it.num_tokens]
+            if it.samples:
+                logits_index.append(len(input_ids) - 1)
+                samplers.append(it)
+        groups = []
+        if decode:
+            groups.append(self._group(decode, 0))
+        if prefill:
+            groups.append(self._group(prefill, len(decode)))
+        dev = self.device
+        attn = PagedAttention(self, torch.tensor(slots, device=dev), groups)
+        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), attn)
+        if not samplers:
+            return [], hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        return samplers, self.model.compute_logits(hidden.index_select(0, torch.tensor(logits_index, device=dev)))

@@ -1,0 +1,157 @@
+"""Native engine vs transformers on real SmolLM2-135M-Instruct weights, and the GGUF loader.
+
+SmolLM2 tests are slow; they use the pulled default chat model (or FRONTIER_TEST_MODEL_DIR, a
+converted HF-format directory). The GGUF round trip on a tiny model runs always.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.native import load_native_engine
+from service.engine.types import GenerationRequest, SamplingParams
+from service.modeling.loader import load_model
+from tests.golden.test_native_golden import _save_tiny, run
+
+QUESTIONS = [
+    "What is the capital of France?", "List three primary colors.", "Write a haiku about rain.",
+    "Explain recursion to a child.", "What is 17 times 23?", "Translate 'good morning' into Spanish.",
+    "Give me a Python function that reverses a string.", "Who wrote Pride and Prejudice?",
+    "Name the planets of the solar system.", "What does HTTP stand for?", "Summarize the plot of Hamlet.",
+    "Why is the sky blue?", "Write a limerick about a cat.", "What is a prime number?",
+    "How do I boil an egg?", "Describe the water cycle in two sentences.",
+]
+RAW = ["The quick brown fox", "def fibonacci(n):\n", "Once upon a time, in a land far away,",
+       "1, 2, 3, 5, 8, 13,"]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def smol(chat_model_dir):
+    # The default chat model, pulled once per session (FRONTIER_TEST_MODEL_DIR overrides it).
+    model_dir = os.environ.get("FRONTIER_TEST_MODEL_DIR") or str(chat_model_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=False) for q in QUESTIONS] + RAW
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    return Path(model_dir), hf, ids
+
+
+def engine(model_dir, **kw):
+    return load_native_engine(model_dir, "cpu", torch.float32, 2048, 64, kv_cache_bytes=256 << 20, **kw)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match(smol):
+    model_dir, hf, ids = smol
+    model = load_model(model_dir)
+    x = torch.tensor(sum(ids[:4], []))
+    with torch.inference_mode():
+        diff = (model.compute_logits(model(x, torch.arange(len(x)))) - hf(x[None]).logits[0]).abs().max()
+    assert diff.item() < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_hf_batched(smol):
+    model_dir, hf, ids = smol
+    eng = engine(model_dir)
+    out = run(eng, [GenerationRequest(p, SamplingParams(max_tokens=MAX_NEW, temperature=0)) for p in ids])
+    for p, o in zip(ids, out):
+        assert o[0] == hf_greedy_eos(hf, p)
+
+
+def hf_greedy_eos(hf, prompt):
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = hf.generate(ids, max_new_tokens=MAX_NEW, do_sample=False, attention_mask=torch.ones_like(ids))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_alone_equals_batched_and_seeded(smol):
+    model_dir, hf, ids = smol
+    greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0)
+    seeded = SamplingParams(max_tokens=MAX_NEW, temperature=0.8, top_p=0.95, seed=7)
+    alone = run(engine(model_dir), [GenerationRequest(ids[3], greedy), GenerationRequest(ids[5], seeded)])
+    others = [GenerationRequest(p, SamplingParams(max_tokens=MAX_NEW, temperature=1.0)) for p in ids[6:20]]
+    batched = run(engine(model_dir), [GenerationRequest(ids[3], greedy)] + others + [GenerationRequest(ids[5], seeded)])
+    assert batched[0] == alone[0] and batched[-1] == alone[1]
+
+
+@pytest.mark.slow
+def test_real_gguf_matches_safetensors(smol):
+    gguf_path = os.environ.get("FRONTIER_TEST_GGUF")
+    if not gguf_path:
+        pytest.skip("set FRONTIER_TEST_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (the model dir's source)")
+    model_dir = smol[0]
+    a, b = load_model(model_dir), load_model(gguf_path)
+    ref = dict(a.named_parameters())
+    for name, p in b.named_parameters():
+        assert torch.equal(p, ref[name]), name
+
+
+# ---- GGUF writer round trip (fast): llama.cpp's q/k permutation must be undone ----
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_gguf_round_trip_tiny_llama(tmp_path):
+    import gguf
+    from safetensors.torch import load_file
+
+    _save_tiny("llama", tmp_path / "st")
+    sd = load_file(str(tmp_path / "st" / "model.safetensors"))
+    ref = load_model(tmp_path / "st")
+    cfg = ref.config
+    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2) / cfg.head_dim))
+    from service.modeling.llama import rope_inv_freq
+
+    w.add_tensor("rope_freqs.weight", (inv / rope_inv_freq(cfg)[0].double().numpy()).astype(np.float32))
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "q_proj": "attn_q",
+             "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
+             "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    for name, t in sd.items():
+        parts = name.split(".")
+        arr = t.float().numpy()
+        if parts[-2] == "q_proj":
+            arr = _llama_cpp_permute(arr, cfg.num_heads)
+        elif parts[-2] == "k_proj":
+            arr = _llama_cpp_permute(arr, cfg.num_kv_heads)
+        if parts[1] == "layers":
+            gname = f"blk.{parts[2]}.{names[parts[-2]]}.weight"
+        else:
+            gname = f"{names[parts[-2]]}.weight"
+        w.add_tensor(gname, np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = load_model(tmp_path / "tiny.gguf")
+    ids = torch.arange(3, 40)
+    with torch.inference_mode():
+        a = ref.compute_logits(ref(ids, torch.arange(len(ids))))
+        b = got.compute_logits(got(ids, torch.arange(len(ids))))
+    expected = dict(ref.named_parameters())
+    for name, p in got.named_parameters():
+        assert torch.equal(p, expected[name]), name
+    assert (a - b).abs().max().item() < 1e-5

@@ -1,0 +1,143 @@
+"""Fast tests for service/modeling/quant.py on tiny random layers/models (no real weights)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from service.modeling.quant import (Int8Linear, QuantMode, llama_smooth_groups, quantize_model,
+                                    smooth_model)
+
+# Int8 per-channel weights + per-token activations: relative error per output row (random
+# Gaussian data, 8-bit symmetric weights, ~7-8-bit activations) stays below this.
+INT8_ROW_RTOL = 0.03
+
+
+def row_rel_err(y, ref):
+    return ((y - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_hf_llama(num_kv_heads=2):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=num_kv_heads, head_dim=16,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # outlier channels, like real LLMs, so smoothing has work to do
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 30
+            layer.post_attention_layernorm.weight[[5]] *= 20
+    return model
+
+
+@torch.no_grad()
+def test_int8_linear_close_to_fp32_and_keeps_shape_and_bias():
+    lin = nn.Linear(64, 48)
+    nn.init.normal_(lin.bias, std=1.0)
+    q = Int8Linear(lin)
+    x = torch.randn(2, 5, 64)  # [batch, seq, in]
+    y = q(x)
+    assert y.shape == (2, 5, 48) and y.dtype == torch.float32
+    assert row_rel_err(y, lin(x)) < INT8_ROW_RTOL
+    assert torch.equal(q.bias, lin.bias)
+
+
+@torch.no_grad()
+def test_per_token_scaling_handles_outlier_row():
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(6, 64)
+    x[2] *= 1000.0  # one outlier token
+    ref = lin(x)
+    per_token = Int8Linear(lin, per_token=True)(x)
+    per_tensor = Int8Linear(lin, per_token=False)(x)
+    assert row_rel_err(per_token, ref) < INT8_ROW_RTOL
+    normal = [0, 1, 3, 4, 5]  # the outlier's scale wipes out the ordinary rows per-tensor
+    assert row_rel_err(per_tensor[normal], ref[normal]) > 0.3
+
+
+@torch.no_grad()
+def test_int8_linear_is_batch_invariant():
+    # A row's result must not depend on its batch-mates (prefill == decode, spec verify == plain).
+    q = Int8Linear(nn.Linear(64, 32))
+    x = torch.randn(8, 64)
+    x[0] *= 50
+    full = q(x)
+    for i in range(8):
+        assert torch.equal(q(x[i : i + 1]), full[i : i + 1])
+
+
+@torch.no_grad()
+def test_state_dict_roundtrip_repacks():
+    q = Int8Linear(nn.Linear(32, 16))
+    other = Int8Linear(nn.Linear(32, 16))
+    other.load_state_dict(q.state_dict())
+    x = torch.randn(3, 32)
+    assert torch.equal(other(x), q(x))
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])  # MHA and GQA (tied o_proj scales)
+@torch.no_grad()
+def test_smoothing_preserves_fp32_function_hf_layout(num_kv_heads):
+    model = tiny_hf_llama(num_kv_heads)
+    ids = torch.randint(0, 96, (2, 12))
+    before = model(ids).logits
+    ref = copy.deepcopy(model.state_dict())
+    groups = smooth_model(model, [torch.randint(0, 96, (2, 16)) for _ in range(2)], alpha=0.65)
+    assert len(groups) == 4 * 2  # qkv, gate/up, down (via up rows), o_proj (via v rows) per layer
+    after = model(ids).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, ref[k])]
+    assert any("down_proj" in k for k in changed) and any("o_proj" in k for k in changed)
+
+
+@torch.no_grad()
+def test_smoothing_preserves_fp32_function_native_layout():
+    llama = pytest.importorskip("service.modeling.llama")
+    cfg = llama.ModelConfig(model_type="llama", vocab_size=96, hidden_size=64,
+                            intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=64,
+                            tie_word_embeddings=True)
+    model = llama.LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.05) if p.dim() > 1 else nn.init.normal_(p, mean=1.0, std=0.5)
+    model.init_rope(64)
+
+    def fwd(ids):  # ids: [num_tokens]
+        return model.compute_logits(model(ids, torch.arange(ids.shape[0])))
+
+    ids = torch.randint(0, 96, (12,))
+    before = fwd(ids)
+    groups = smooth_model(model, [torch.randint(0, 96, (16,))], alpha=0.5, forward_fn=fwd)
+    assert len(groups) == 4 * 2
+    torch.testing.assert_close(fwd(ids), before, atol=1e-4, rtol=1e-4)
+    assert llama_smooth_groups(model)[2].rows[0] == 128  # down_proj folds into the up half
+
+
+@torch.no_grad()
+def test_quantize_model_swaps_linears_and_skips_lm_head():
+    model = tiny_hf_llama()
+    fp = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (1, 10))
+    quantize_model(model, QuantMode.INT8, calib_batches=[ids], alpha=0.65)
+    swapped = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    assert len(swapped) == 7 * 2  # q, k, v, o, gate, up, down per layer
+    assert type(model.lm_head) is nn.Linear
+    assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n != "lm_head")
+    a, b = model(ids).logits, fp(ids).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_quant_modes():
+    assert QuantMode("int8") is QuantMode.INT8
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert quantize_model(model, "none") is model and type(model[0]) is nn.Linear
+    quantize_model(model, "bf16")
+    assert model[0].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        QuantMode("int3")
