@@ -85,7 +85,8 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server(chat_model_dir, embed_model_dir, tmp_path_factory):
-    env = {"FRONTIER_DATA_DIR": str(tmp_path_factory.mktemp("data"))}
+    # fp32 weights: the golden test compares the server's tokens with transformers' own.
+    env = {"FRONTIER_DATA_DIR": str(tmp_path_factory.mktemp("data")), "FRONTIER_QUANTIZATION": "none"}
     srv = ServerProcess(env, tmp_path_factory.mktemp("server") / "server.log")
     try:
         srv.wait_ready()
