@@ -86,3 +86,21 @@ def test_invalid_reasoning_requests_are_400(server, extra, param):
     r = _post(server, {**extra, "max_tokens": 4})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def _prefix_hits(server) -> float:
+    for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
+        if line.startswith("frontier_prefix_cache_hits{") and CHAT_MODEL in line:
+            return float(line.rsplit(" ", 1)[1])
+    pytest.fail("the native engine exports frontier_prefix_cache_hits")
+
+
+def test_self_consistency_paths_share_the_prompt_blocks(server):
+    before = _prefix_hits(server)
+    question = [{"role": "user", "content": "Unique question 7781: what is 40 + 2? " + "Think carefully. " * 12}]
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=300, json={
+        "model": CHAT_MODEL, "messages": question, "max_tokens": 4,
+        "reasoning": {"max_tokens": 8, "strategy": "self_consistency", "samples": 5}})
+    assert r.status_code == 200, r.text
+    # The prompt is new, so every hit comes from the 4 sibling paths reusing path 0's full blocks.
+    assert _prefix_hits(server) - before >= 4
