@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if length and length.isdigit() and int(length) > settings.max_request_bytes:
             return error_response(APIError(413, f"request body over {settings.max_request_bytes} bytes",
                                            code="request_too_large"))
+        _default_to_json(request)
         response = await call_next(request)
         route = _route_template(app, request)
         if route != "/metrics":
@@ -97,3 +98,12 @@ def _route_template(app: FastAPI, request: Request) -> str:
         if match == Match.FULL:
             return getattr(route, "path", request.url.path)
     return "unmatched"
+
+
+def _default_to_json(request: Request) -> None:
+    """`curl -d '{...}'` sends form encoding; like Ollama and llama.cpp, read such bodies as JSON.
+    Multipart uploads (RAG files) keep their content type."""
+    ctype = request.headers.get("content-type", "")
+    if request.method in ("POST", "PUT") and (not ctype or ctype.startswith("application/x-www-form-urlencoded")):
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        request.scope["headers"] = headers + [(b"content-type", b"application/json")]

@@ -92,3 +92,12 @@ def test_health_ready_and_metrics(server, client):
                  "frontier_generation_tokens_total", "frontier_num_requests_waiting"):
         assert name in text, name
     assert 'route="/v1/chat/completions"' in text
+
+
+def test_curl_style_form_encoded_json_is_read_as_json(server):
+    # `curl -d '{...}'` without a content-type header sends application/x-www-form-urlencoded.
+    body = b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    r = _post(server, "/v1/chat/completions", content=body,
+              headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
