@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import torch
+
+from service.engine.fresh_thread import run_in_fresh_thread
 
 
 class Embedder:
@@ -31,4 +32,4 @@ class Embedder:
                                      normalize_embeddings=True, show_progress_bar=False).float().cpu()
 
     async def encode(self, texts: list[str]) -> torch.Tensor:
-        return await asyncio.to_thread(self.encode_sync, texts)
+        return await run_in_fresh_thread(self.encode_sync, texts, name="embed")

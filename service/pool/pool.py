@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.config import Settings
+from service.engine.fresh_thread import run_in_fresh_thread
 from service.pool.device import resolve_device, resolve_dtype
 from service.pool.manifest import Manifest, ManifestError, Quantization, Registry, Task
 from service.pool.sources import is_pulled, model_dir
@@ -98,7 +99,7 @@ class ModelPool:
             size = weights_size(path)
             await self._make_room(size, model_id)
             t0 = time.monotonic()
-            lm = await asyncio.to_thread(self._load_sync, m, path, size)
+            lm = await run_in_fresh_thread(self._load_sync, m, path, size, name=f"load-{model_id}")
             lm.pinned = pinned
             if lm.engine is not None:
                 await lm.engine.start()
