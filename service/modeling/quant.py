@@ -134,9 +134,11 @@ def _head_dim(model: nn.Module, attn: nn.Module) -> int:
     return int(hd)
 
 
-def llama_smooth_groups(model: nn.Module, smooth_o_proj: bool = True) -> list[SmoothGroup]:
+def llama_smooth_groups(model: nn.Module, smooth_o_proj: bool = True, lm_head: bool = False) -> list[SmoothGroup]:
     """Groups for every decoder layer, HF Llama layout (q/k/v_proj, gate/up_proj) or the fused
-    native layout (qkv_proj, gate_up_proj with gate rows first), detected by attribute names."""
+    native layout (qkv_proj, gate_up_proj with gate rows first), detected by attribute names.
+    lm_head=True adds the final norm -> lm_head pair (untying a tied lm_head from the embedding
+    first: the embedding lookup must keep the unscaled rows)."""
     groups = []
     for layer in model.modules():
         if not all(hasattr(layer, a) for a in ("input_layernorm", "self_attn",
@@ -163,6 +165,11 @@ def llama_smooth_groups(model: nn.Module, smooth_o_proj: bool = True) -> list[Sm
             j = torch.arange(nh * hd)
             rows = v_off + (j // hd // group) * hd + j % hd
             groups.append(SmoothGroup(qkv[-1], [attn.o_proj], rows))
+    if lm_head:
+        head, embed = model.lm_head, model.model.embed_tokens
+        if head.weight is embed.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        groups.append(SmoothGroup(model.model.norm, [head]))
     return groups
 
 
@@ -268,15 +275,17 @@ def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module],
 
 
 def quantize_model(model: nn.Module, mode: QuantMode | str, calib_batches: Iterable | None = None,
-                   alpha: float = 0.65, skip: Iterable[str] = ("lm_head",),
+                   alpha: float = 0.65, lm_head: bool = False,
                    forward_fn: Callable | None = None, **int8_kwargs) -> nn.Module:
     """Apply a quantization mode in place. INT8 smooths first when calib_batches are given.
-    int8_kwargs go to Int8Linear (per_channel, per_token, reduce_range)."""
+    lm_head=True quantizes the output projection too (smoothed with the final norm when
+    calibrated); int8_kwargs go to Int8Linear (per_channel, per_token, reduce_range)."""
     mode = QuantMode(mode)
     if mode is QuantMode.BF16:
         return model.to(torch.bfloat16)
     if mode is QuantMode.INT8:
         if calib_batches is not None:
-            smooth_model(model, calib_batches, alpha, forward_fn=forward_fn)
-        swap_linears(model, lambda lin: Int8Linear(lin, **int8_kwargs), skip)
+            groups = llama_smooth_groups(model, lm_head=lm_head)
+            smooth_model(model, calib_batches, alpha, groups=groups, forward_fn=forward_fn)
+        swap_linears(model, lambda lin: Int8Linear(lin, **int8_kwargs), skip=() if lm_head else ("lm_head",))
     return model

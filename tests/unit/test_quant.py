@@ -141,3 +141,29 @@ def test_quant_modes():
     assert model[0].weight.dtype == torch.bfloat16
     with pytest.raises(ValueError):
         QuantMode("int3")
+
+
+@torch.no_grad()
+def test_quantize_model_with_lm_head_unties_it_and_keeps_the_embedding():
+    model = tiny_hf_llama()
+    model.model.norm.weight[[7]] *= 25  # an outlier channel into the head
+    fp = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (1, 10))
+    quantize_model(model, QuantMode.INT8, calib_batches=[ids], alpha=0.65, lm_head=True)
+    assert isinstance(model.lm_head, Int8Linear)
+    # smoothing scaled the head's input channels; the embedding rows must be the original ones
+    torch.testing.assert_close(model.model.embed_tokens.weight, fp.model.embed_tokens.weight)
+    a, b = model(ids).logits, fp(ids).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_calibration_text_ships_with_the_package_and_batches_by_length():
+    from service.modeling.calibration import CALIBRATION_TEXT, calibration_batches
+
+    class WordTokenizer:  # one id per word is enough to check the batching
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [hash(w) % 1000 for w in text.split()]}
+
+    assert CALIBRATION_TEXT.stat().st_size > 2000
+    batches = calibration_batches(WordTokenizer(), seq_len=100, max_tokens=450)
+    assert [b.shape for b in batches] == [(1, 100)] * 4 + [(1, 50)]
