@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from service.engine.fresh_thread import run_in_fresh_thread
 from service.engine.native import load_native_engine
 from service.engine.types import GenerationRequest, SamplingParams
 
@@ -81,8 +82,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    engine = load_native_engine(args.model_dir, "cpu", torch.float32, 2048, 256,
-                                kv_cache_bytes=512 << 20, quantization=args.quant)
+    # Loaded in a thread that ends, as the server does: a live second OpenMP pool (the main
+    # thread's) would slow the engine worker's kernels (bench/omp_pools.py).
+    engine = asyncio.run(run_in_fresh_thread(
+        load_native_engine, args.model_dir, "cpu", torch.float32, 2048, 256, 512 << 20, args.quant))
     vocab = engine.model.config.vocab_size
     batches = [int(b) for b in args.batches.split(",") if b]
     results = []
