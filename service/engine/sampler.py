@@ -73,8 +73,28 @@ def _ban(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return logits
 
 
-def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on the rows that sample. logits: [B, V] -> scaled logits."""
+PREFILTER_K = 256  # candidates kept by topk before the exact top-k/top-p/min-p filter
+
+
+def _drop_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """probs: [B, K] in descending order (full-vocabulary softmax values) -> tokens to drop."""
+    ranks = torch.arange(probs.shape[1], device=probs.device).unsqueeze(0)
+    drop = ranks >= top_k.unsqueeze(1)
+    cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above this token
+    drop |= cum_before > top_p.unsqueeze(1)
+    drop |= probs < (min_p.unsqueeze(1) * probs[:, :1])
+    drop[:, 0] = False  # always keep the best token
+    return drop
+
+
+def _filter(logits: torch.Tensor, rows: list[SamplingRow], prefilter_k: int = PREFILTER_K) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on the rows that sample. logits: [B, V] -> scaled logits.
+
+    Sorting the whole vocabulary costs 56 ms for [32, 49152] on 2 cores, as much as a model step.
+    So the filters first run on the top `prefilter_k` candidates. That result is exact whenever
+    every token past them would be dropped anyway: top_k <= prefilter_k, or the candidates already
+    hold more than top_p of the mass, or the last candidate is below the min_p cut. Rows with no
+    filter keep all their logits. Otherwise the batch falls back to the full sort."""
     device = logits.device
     vocab = logits.shape[-1]
     temps = _column(rows, "temperature", device).clamp_min(1e-5).unsqueeze(1)
@@ -82,18 +102,22 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
     top_p = _column(rows, "top_p", device)
     min_p = _column(rows, "min_p", device)
-    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()) or bool((min_p > 0).any()):
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=device).unsqueeze(0)
-        drop = ranks >= top_k.unsqueeze(1)
-        probs = sorted_logits.softmax(dim=-1)
-        cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above this token
-        drop |= cum_before > top_p.unsqueeze(1)
-        drop |= probs < (min_p.unsqueeze(1) * probs[:, :1])
-        drop[:, 0] = False  # always keep the best token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
-    return logits
+    unfiltered = (top_k >= vocab) & (top_p >= 1.0) & (min_p <= 0)
+    if bool(unfiltered.all()):
+        return logits
+    if 0 < prefilter_k < vocab:
+        vals, idx = logits.topk(prefilter_k, dim=-1)  # sorted, descending
+        probs = (vals - logits.logsumexp(dim=-1, keepdim=True)).exp()
+        exact = (unfiltered | (top_k <= prefilter_k) | (probs.sum(-1) > top_p)
+                 | (probs[:, -1] < min_p * probs[:, 0]))
+        if bool(exact.all()):
+            kept = vals.masked_fill(_drop_mask(probs, top_k, top_p, min_p), float("-inf"))
+            filtered = torch.full_like(logits, float("-inf")).scatter_(1, idx, kept)
+            return torch.where(unfiltered.unsqueeze(1), logits, filtered)
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    drop = _drop_mask(sorted_logits.softmax(dim=-1), top_k, top_p, min_p)
+    filtered = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.where(unfiltered.unsqueeze(1), logits, filtered)  # cumsum rounding may pass 1.0
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, list[TokenLogprob] | None]:

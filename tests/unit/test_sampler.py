@@ -222,3 +222,20 @@ def test_logprobs_per_row_request():
     assert logprobs[0].top == [] and len(logprobs[1].top) == 2
     _, none = sample(LOGITS.clone(), [row(temperature=0.0)])
     assert none is None
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked: prefilter exact; flat: falls back to the sort
+def test_topk_prefilter_gives_the_same_filter_as_the_full_sort(scale):
+    from service.engine.sampler import PREFILTER_K
+
+    vocab = 5000
+    logits = torch.randn(6, vocab) * scale
+    rows = [row(temperature=0.7, top_p=0.9), row(temperature=1.0, top_k=50), row(temperature=1.0, min_p=0.05),
+            row(temperature=1.0), row(temperature=1.3, top_p=0.5, top_k=400),
+            row(temperature=0.9, top_k=4000, top_p=0.8)]  # top_k past the prefilter: top_p must cut
+    full = _filter(logits, rows, prefilter_k=0)
+    fast = _filter(logits, rows, prefilter_k=PREFILTER_K)
+    assert torch.equal(torch.isinf(full), torch.isinf(fast))
+    kept = ~torch.isinf(full)
+    torch.testing.assert_close(fast[kept], full[kept])
+    assert kept[3].all()  # a row without filters keeps every token
