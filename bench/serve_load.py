@@ -36,9 +36,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+# Sampling fields of every request: greedy by default; --sampled leaves them to the model's defaults.
+REQUEST_SAMPLING: dict = {"temperature": 0}
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "temperature": 0,
+            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, **REQUEST_SAMPLING,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     stamps, tokens = [], 0
@@ -120,7 +124,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--waves", type=int, default=1, help="requests per level = concurrency x waves")
     ap.add_argument("--engines", default="native-int8,native-fp32,hf")
+    ap.add_argument("--sampled", action="store_true",
+                    help="no temperature in the requests: the manifest's sampling defaults apply "
+                         "(SmolLM2: temperature 0.2, top_p 0.9); results go to serve_load_sampled.*")
     args = ap.parse_args()
+    global REQUEST_SAMPLING
+    out_name = "serve_load_sampled" if args.sampled else "serve_load"
+    if args.sampled:
+        REQUEST_SAMPLING = {}
     levels = [int(x) for x in args.levels.split(",")]
     configs = {"native-int8": {"FRONTIER_ENGINE": "native", "FRONTIER_QUANTIZATION": "int8"},
                "native-fp32": {"FRONTIER_ENGINE": "native", "FRONTIER_QUANTIZATION": "none"},
@@ -136,11 +147,12 @@ def main() -> None:
         rows.append([p["engine"], p["concurrency"], p["requests"], p["errors"], f"{p['output_tok_s']:.1f}",
                      f"{ratio:.1f}x", f"{p['ttft_p50_ms']:.0f}", f"{p['ttft_p95_ms']:.0f}", f"{p['itl_p50_ms']:.0f}",
                      f"{p['itl_p95_ms']:.0f}", f"{p['e2e_p50_s']:.2f}", f"{p['e2e_p95_s']:.2f}"])
-    write_markdown("serve_load", f"Streaming load: {args.max_tokens} output tokens per request (ignore_eos)",
+    write_markdown(out_name, f"Streaming load: {args.max_tokens} output tokens per request (ignore_eos)",
                    ["engine", "streams", "requests", "errors", "output tok/s", "vs hf", "TTFT p50 ms",
                     "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "e2e p50 s", "e2e p95 s"], rows,
-                   "One server per engine, same prompts, temperature 0; 2 shared CPU cores, so read the ratios.")
-    plot(points, RESULTS / "serve_load.png")
+                   f"One server per engine, same prompts, {'model default sampling' if args.sampled else 'temperature 0'}; "
+                   "2 shared CPU cores, so read the ratios.")
+    plot(points, RESULTS / f"{out_name}.png")
     print_json({"bench": "serve_load", "max_tokens": args.max_tokens, "points": points})
 
 

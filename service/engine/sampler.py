@@ -87,6 +87,24 @@ def _drop_mask(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return drop
 
 
+def _filter_params(rows: list[SamplingRow], vocab: int, device):
+    temps = _column(rows, "temperature", device).clamp_min(1e-5).unsqueeze(1)
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
+    top_p = _column(rows, "top_p", device)
+    min_p = _column(rows, "min_p", device)
+    unfiltered = (top_k >= vocab) & (top_p >= 1.0) & (min_p <= 0)
+    return temps, top_k, top_p, min_p, unfiltered
+
+
+def _candidates(scaled: torch.Tensor, top_k, top_p, min_p, k: int):
+    """The filters on the top k tokens of each row. Returns (kept logits [B, k], -inf where dropped;
+    their token ids [B, k]; exact [B]: True where every token past the k would be dropped anyway)."""
+    vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
+    probs = (vals - scaled.logsumexp(dim=-1, keepdim=True)).exp()
+    exact = (top_k <= k) | (probs.sum(-1) > top_p) | (probs[:, -1] < min_p * probs[:, 0])
+    return vals.masked_fill(_drop_mask(probs, top_k, top_p, min_p), float("-inf")), idx, exact
+
+
 def _filter(logits: torch.Tensor, rows: list[SamplingRow], prefilter_k: int = PREFILTER_K) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p on the rows that sample. logits: [B, V] -> scaled logits.
 
@@ -95,23 +113,14 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow], prefilter_k: int = PR
     every token past them would be dropped anyway: top_k <= prefilter_k, or the candidates already
     hold more than top_p of the mass, or the last candidate is below the min_p cut. Rows with no
     filter keep all their logits. Otherwise the batch falls back to the full sort."""
-    device = logits.device
     vocab = logits.shape[-1]
-    temps = _column(rows, "temperature", device).clamp_min(1e-5).unsqueeze(1)
+    temps, top_k, top_p, min_p, unfiltered = _filter_params(rows, vocab, logits.device)
     logits = logits / temps
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=device)
-    top_p = _column(rows, "top_p", device)
-    min_p = _column(rows, "min_p", device)
-    unfiltered = (top_k >= vocab) & (top_p >= 1.0) & (min_p <= 0)
     if bool(unfiltered.all()):
         return logits
     if 0 < prefilter_k < vocab:
-        vals, idx = logits.topk(prefilter_k, dim=-1)  # sorted, descending
-        probs = (vals - logits.logsumexp(dim=-1, keepdim=True)).exp()
-        exact = (unfiltered | (top_k <= prefilter_k) | (probs.sum(-1) > top_p)
-                 | (probs[:, -1] < min_p * probs[:, 0]))
-        if bool(exact.all()):
-            kept = vals.masked_fill(_drop_mask(probs, top_k, top_p, min_p), float("-inf"))
+        kept, idx, exact = _candidates(logits, top_k, top_p, min_p, prefilter_k)
+        if bool((exact | unfiltered).all()):
             filtered = torch.full_like(logits, float("-inf")).scatter_(1, idx, kept)
             return torch.where(unfiltered.unsqueeze(1), logits, filtered)
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
@@ -120,23 +129,52 @@ def _filter(logits: torch.Tensor, rows: list[SamplingRow], prefilter_k: int = PR
     return torch.where(unfiltered.unsqueeze(1), logits, filtered)  # cumsum rounding may pass 1.0
 
 
+def _race(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """One draw per row from probs [B, N]: argmax(p / q), q ~ Exp(1) from the row's own generator."""
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            noise[i].exponential_(generator=r.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Sampled token ids [B] for rows that do not decode greedily.
+
+    Each row draws among its top PREFILTER_K candidates when that is exact (the common case: only
+    the candidates' probabilities and noise are computed), else over the whole vocabulary. The
+    choice depends on the row alone, so a seeded row draws the same tokens alone or in any batch."""
+    vocab = logits.shape[-1]
+    temps, top_k, top_p, min_p, unfiltered = _filter_params(rows, vocab, logits.device)
+    picked = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    fast = torch.zeros(len(rows), dtype=torch.bool, device=logits.device)
+    k = min(PREFILTER_K, vocab)
+    if k >= vocab or not bool(unfiltered.all()):  # row-wise: never decided by the other rows
+        kept, idx, exact = _candidates(logits / temps, top_k, top_p, min_p, k)
+        fast = (exact & ~unfiltered) | (k >= vocab)
+    if bool(fast.any()):
+        f = fast.nonzero().squeeze(1)
+        j = _race(kept[f].softmax(dim=-1), [rows[i] for i in f.tolist()])
+        picked[f] = idx[f].gather(1, j.unsqueeze(1)).squeeze(1)
+    if not bool(fast.all()):
+        s = (~fast).nonzero().squeeze(1)
+        slow_rows = [rows[i] for i in s.tolist()]
+        picked[s] = _race(_filter(logits[s], slow_rows, prefilter_k=0).softmax(dim=-1), slow_rows)
+    return picked
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, list[TokenLogprob] | None]:
     """logits: [B, V] float32 (raw model output for the next position). Returns token ids [B]."""
     raw = logits
     logits = _ban(apply_penalties(logits.float(), rows), rows)
-    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
     chosen = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        probs = _filter(logits, rows).softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
-        for i, r in enumerate(rows):
-            if r.generator is not None:
-                noise[i].exponential_(generator=r.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        chosen = torch.where(greedy, chosen, sampled)
+    sampling = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampling:
+        index = torch.tensor(sampling, device=logits.device)
+        chosen[index] = _sample_rows(logits[index], [rows[i] for i in sampling])
     logprobs = None
     if any(r.params.logprobs for r in rows):
         logprobs = _logprobs(raw, chosen, rows)

@@ -239,3 +239,21 @@ def test_topk_prefilter_gives_the_same_filter_as_the_full_sort(scale):
     kept = ~torch.isinf(full)
     torch.testing.assert_close(fast[kept], full[kept])
     assert kept[3].all()  # a row without filters keeps every token
+
+
+def test_seeded_row_on_the_candidate_path_is_the_same_alone_and_in_a_batch():
+    vocab = 2000  # past PREFILTER_K: the seeded top_p row draws among its top candidates
+    peaked = torch.randn(1, vocab) * 4
+    flat = torch.zeros(1, vocab)  # a companion whose top_p row needs the full sort
+
+    def draws(companions):
+        gen, out = make_generator(5, 0, CPU), []
+        for _ in range(15):
+            rows = [row(generator=gen, temperature=1.0, top_p=0.9)] + companions
+            logits = torch.cat([peaked] + [flat] * len(companions))
+            out.append(int(sample(logits, rows)[0][0]))
+        return out
+
+    alone = draws([])
+    assert alone == draws([row(temperature=1.0, top_p=0.5), row(temperature=0.8)])
+    assert len(set(alone)) > 1
