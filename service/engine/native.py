@@ -194,7 +194,7 @@ def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
 
 def _quantize(model, mode: str, tokenizer):
     """int8: smooth on the packaged calibration text, then int8 every linear including lm_head
-    (+1.9% perplexity vs fp32 on held-out text; without smoothing the int8 lm_head alone would
+    (+1.6% perplexity vs fp32 on held-out text; without smoothing the int8 lm_head alone would
     cost +3.5%: bench/results/perplexity.md)."""
     from service.modeling.calibration import calibration_batches
     from service.modeling.quant import QuantMode, quantize_model

@@ -105,24 +105,14 @@ def _candidates(scaled: torch.Tensor, top_k, top_p, min_p, k: int):
     return vals.masked_fill(_drop_mask(probs, top_k, top_p, min_p), float("-inf")), idx, exact
 
 
-def _filter(logits: torch.Tensor, rows: list[SamplingRow], prefilter_k: int = PREFILTER_K) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on the rows that sample. logits: [B, V] -> scaled logits.
-
-    Sorting the whole vocabulary costs 56 ms for [32, 49152] on 2 cores, as much as a model step.
-    So the filters first run on the top `prefilter_k` candidates. That result is exact whenever
-    every token past them would be dropped anyway: top_k <= prefilter_k, or the candidates already
-    hold more than top_p of the mass, or the last candidate is below the min_p cut. Rows with no
-    filter keep all their logits. Otherwise the batch falls back to the full sort."""
+def _filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p over the whole vocabulary. logits: [B, V] -> scaled logits,
+    -inf where dropped. The reference the candidate path of `_sample_rows` must match."""
     vocab = logits.shape[-1]
     temps, top_k, top_p, min_p, unfiltered = _filter_params(rows, vocab, logits.device)
     logits = logits / temps
     if bool(unfiltered.all()):
         return logits
-    if 0 < prefilter_k < vocab:
-        kept, idx, exact = _candidates(logits, top_k, top_p, min_p, prefilter_k)
-        if bool((exact | unfiltered).all()):
-            filtered = torch.full_like(logits, float("-inf")).scatter_(1, idx, kept)
-            return torch.where(unfiltered.unsqueeze(1), logits, filtered)
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     drop = _drop_mask(sorted_logits.softmax(dim=-1), top_k, top_p, min_p)
     filtered = torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
@@ -144,9 +134,12 @@ def _race(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Sampled token ids [B] for rows that do not decode greedily.
 
-    Each row draws among its top PREFILTER_K candidates when that is exact (the common case: only
-    the candidates' probabilities and noise are computed), else over the whole vocabulary. The
-    choice depends on the row alone, so a seeded row draws the same tokens alone or in any batch."""
+    Sorting and drawing over the whole vocabulary costs ~110 ms for [32, 49152] on 2 cores, more
+    than a model step; the candidate path takes ~9 ms (bench/sampler_filter.py). So each row draws among its top PREFILTER_K candidates when that is
+    exact: every token past them would be dropped anyway (top_k <= PREFILTER_K, the candidates hold
+    more than top_p of the mass, or the last one is below the min_p cut). Otherwise, and for rows
+    with no filter, it draws over the whole vocabulary. The choice depends on the row alone, so a
+    seeded row draws the same tokens alone or in any batch."""
     vocab = logits.shape[-1]
     temps, top_k, top_p, min_p, unfiltered = _filter_params(rows, vocab, logits.device)
     picked = torch.empty(len(rows), dtype=torch.long, device=logits.device)
@@ -162,7 +155,7 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if not bool(fast.all()):
         s = (~fast).nonzero().squeeze(1)
         slow_rows = [rows[i] for i in s.tolist()]
-        picked[s] = _race(_filter(logits[s], slow_rows, prefilter_k=0).softmax(dim=-1), slow_rows)
+        picked[s] = _race(_filter(logits[s], slow_rows).softmax(dim=-1), slow_rows)
     return picked
 
 

@@ -224,21 +224,28 @@ def test_logprobs_per_row_request():
     assert none is None
 
 
-@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked: prefilter exact; flat: falls back to the sort
-def test_topk_prefilter_gives_the_same_filter_as_the_full_sort(scale):
-    from service.engine.sampler import PREFILTER_K
+def test_candidate_filter_matches_the_full_sort_where_it_claims_to_be_exact():
+    from service.engine.sampler import PREFILTER_K, _candidates, _filter_params
 
     vocab = 5000
-    logits = torch.randn(6, vocab) * scale
     rows = [row(temperature=0.7, top_p=0.9), row(temperature=1.0, top_k=50), row(temperature=1.0, min_p=0.05),
-            row(temperature=1.0), row(temperature=1.3, top_p=0.5, top_k=400),
-            row(temperature=0.9, top_k=4000, top_p=0.8)]  # top_k past the prefilter: top_p must cut
-    full = _filter(logits, rows, prefilter_k=0)
-    fast = _filter(logits, rows, prefilter_k=PREFILTER_K)
-    assert torch.equal(torch.isinf(full), torch.isinf(fast))
-    kept = ~torch.isinf(full)
-    torch.testing.assert_close(fast[kept], full[kept])
-    assert kept[3].all()  # a row without filters keeps every token
+            row(temperature=1.3, top_p=0.5, top_k=400),
+            row(temperature=0.9, top_k=4000, top_p=0.8)]  # top_k past the candidates: top_p must cut
+    for scale, expect_exact in ((8.0, True), (0.5, False)):  # peaked: candidates suffice; flat: they do not
+        logits = torch.randn(len(rows), vocab) * scale
+        temps, top_k, top_p, min_p, _ = _filter_params(rows, vocab, CPU)
+        kept, idx, exact = _candidates(logits / temps, top_k, top_p, min_p, PREFILTER_K)
+        full = _filter(logits, rows)
+        fast = torch.full_like(full, float("-inf")).scatter_(1, idx, kept)
+        for i in exact.nonzero().squeeze(1).tolist():
+            assert torch.equal(torch.isinf(full[i]), torch.isinf(fast[i]))
+            kept_i = ~torch.isinf(full[i])
+            torch.testing.assert_close(fast[i][kept_i], full[i][kept_i])
+        if expect_exact:
+            assert exact.all()
+        else:  # the top_p and min_p rows need tokens past the candidates
+            assert not exact[0] and not exact[4]
+    assert not torch.isinf(_filter(torch.randn(1, vocab) * 8, [row(temperature=1.0)])).any()  # no filter: all kept
 
 
 def test_seeded_row_on_the_candidate_path_is_the_same_alone_and_in_a_batch():
