@@ -143,9 +143,9 @@ def main() -> None:
     hf = {p["concurrency"]: p["output_tok_s"] for p in points if p["engine"] == "hf"}
     rows = []
     for p in points:
-        ratio = p["output_tok_s"] / hf[p["concurrency"]] if p["concurrency"] in hf else float("nan")
+        ratio = f"{p['output_tok_s'] / hf[p['concurrency']]:.1f}x" if p["concurrency"] in hf else "-"
         rows.append([p["engine"], p["concurrency"], p["requests"], p["errors"], f"{p['output_tok_s']:.1f}",
-                     f"{ratio:.1f}x", f"{p['ttft_p50_ms']:.0f}", f"{p['ttft_p95_ms']:.0f}", f"{p['itl_p50_ms']:.0f}",
+                     ratio, f"{p['ttft_p50_ms']:.0f}", f"{p['ttft_p95_ms']:.0f}", f"{p['itl_p50_ms']:.0f}",
                      f"{p['itl_p95_ms']:.0f}", f"{p['e2e_p50_s']:.2f}", f"{p['e2e_p95_s']:.2f}"])
     write_markdown(out_name, f"Streaming load: {args.max_tokens} output tokens per request (ignore_eos)",
                    ["engine", "streams", "requests", "errors", "output tok/s", "vs hf", "TTFT p50 ms",

@@ -8,6 +8,7 @@ come back through `loop.call_soon_threadsafe` into a per-request asyncio.Queue. 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import queue
@@ -27,7 +28,7 @@ class _Stream:
         self.num_open = num_seqs
 
 
-class ThreadedEngine:
+class ThreadedEngine(abc.ABC):
     name = "engine"
 
     def __init__(self) -> None:
@@ -39,18 +40,21 @@ class ThreadedEngine:
         self._thread: threading.Thread | None = None
 
     # ---- subclass hooks (called on the worker thread only) ----
+    @abc.abstractmethod
     def _add(self, req: GenerationRequest) -> None:
-        raise NotImplementedError
+        """Queue a new request (its n sequences) for scheduling."""
 
+    @abc.abstractmethod
     def _drop(self, request_id: str) -> list[RequestOutput]:
         """Forget a request (aborted): free its resources, return final outputs if any."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _has_work(self) -> bool:
-        raise NotImplementedError
+        """Whether any request is waiting or running."""
 
+    @abc.abstractmethod
     def _step(self) -> list[RequestOutput]:
-        raise NotImplementedError
+        """Advance every running request by one token; return their deltas."""
 
     def _validate(self, req: GenerationRequest) -> None:
         """Raise RequestTooLarge / EngineOverloaded before a request is queued (event loop thread)."""
