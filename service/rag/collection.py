@@ -68,9 +68,15 @@ class Collection:
             store.close()
         if raw is None:
             raise ValueError(f"{root}: no collection settings in the database")
+        if not isinstance(raw, dict):
+            raise ValueError("collection settings are not an object")
         settings = CollectionSettings(**raw)
         coll = cls(root, settings, index_config_for(settings))
-        coll.open_index()
+        try:
+            coll.open_index()
+        except BaseException:  # a damaged collection keeps no connections open
+            coll.close()
+            raise
         return coll
 
     def open_index(self) -> dict:
@@ -165,7 +171,8 @@ class Collection:
         except OSError:
             index_bytes = 0
         return {
-            "object": "rag.collection", "name": self.settings.name, "created_at": self.settings.created_at,
+            "object": "rag.collection", "name": self.settings.name, "status": "ready",
+            "created_at": self.settings.created_at,
             "embedding_model": self.settings.embedding_model, "dimensions": self.settings.dim,
             "chunking": {"chunk_size": self.settings.chunk_size, "chunk_overlap": self.settings.chunk_overlap},
             "metadata": self.settings.metadata,

@@ -25,6 +25,7 @@ from service.rag.chunking import Chunk
 from service.rag.errors import RagError
 from service.rag.filters import filter_sql
 from service.rag.keywords import fts_query
+from service.rag.validate import readable_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,9 +69,13 @@ class WriteResult:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")  # a committed transaction survives power loss
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # a committed transaction survives power loss
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:  # e.g. "file is not a database": the collection is damaged, not the process
+        conn.close()
+        raise
     return conn
 
 
@@ -79,7 +84,11 @@ class DocStore:
         self.path = Path(path)
         self._write_lock = threading.Lock()
         self._writer = _connect(self.path)
-        self._writer.executescript(SCHEMA)
+        try:
+            self._writer.executescript(SCHEMA)
+        except BaseException:  # not a database (corrupt file): do not leak the connection
+            self._writer.close()
+            raise
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -107,7 +116,7 @@ class DocStore:
     # ---- settings and bookkeeping ----
     def get_meta(self, key: str, default=None):
         row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        return readable_json(row[0]) if row else default
 
     def set_meta(self, key: str, value) -> None:
         with self._tx() as c:
@@ -230,7 +239,7 @@ class DocStore:
                  f"WHERE c.id IN ({','.join('?' * len(part))})")
             for r in self._reader().execute(q, part):
                 out[r[0]] = {"chunk_id": r[0], "document_id": r[1], "position": r[2], "start": r[3], "end": r[4],
-                             "heading": r[5], "text": r[6], "metadata": json.loads(r[7])}
+                             "heading": r[5], "text": r[6], "metadata": readable_json(r[7])}
                 if with_embedding:
                     out[r[0]]["embedding"] = r[8]
         return out
@@ -257,7 +266,7 @@ class DocStore:
 
 
 def _doc(row, with_text: bool) -> dict:
-    d = {"id": row[0], "metadata": json.loads(row[1]), "source": row[2], "num_chunks": row[3],
+    d = {"id": row[0], "metadata": readable_json(row[1]), "source": row[2], "num_chunks": row[3],
          "created_at": int(row[4]), "num_chars": row[5]}
     if with_text:
         d["text"] = row[6]

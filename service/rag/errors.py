@@ -21,3 +21,15 @@ def collection_not_found(name: str) -> RagError:
 def document_not_found(collection: str, doc_id: str) -> RagError:
     return RagError(404, f"document {doc_id!r} does not exist in collection {collection!r}",
                     param="document_id", code="document_not_found")
+
+
+def collection_damaged(name: str, reason: str) -> RagError:
+    # 409, not 500: the request is fine, the collection's state is not; dropping it is the way out.
+    return RagError(409, f"collection {name!r} is damaged ({reason}); restore its files or drop it with "
+                    f"DELETE /v1/rag/collections/{name}", param="collection", code="collection_damaged")
+
+
+def damage_reason(exc: Exception, path) -> str:
+    """Why a collection cannot be used, for clients: no server paths, always valid UTF-8, short."""
+    text = f"{type(exc).__name__}: {exc}".replace(str(path), "<collection>")
+    return text.encode("utf-8", "replace").decode("utf-8")[:300]

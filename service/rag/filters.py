@@ -8,11 +8,13 @@ $gt, $gte, $lt, $lte, $in, $nin, $exists; several keys are ANDed; {"$and": [f, .
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from service.rag.errors import RagError
+from service.rag.validate import INT64_MAX, INT64_MIN, bad_unicode_at, check_json
 
-_KEY = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_KEY = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")  # fullmatch: '$' would let "key\n" through
 _CMP = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 MAX_DEPTH = 8
 
@@ -22,14 +24,21 @@ def _bad(message: str) -> RagError:
 
 
 def _path(key: str) -> str:
-    if not _KEY.match(key):
-        raise _bad(f"key {key!r} must be letters, digits, '_' or '-', dotted for nested fields")
+    if not _KEY.fullmatch(key):
+        raise _bad(f"key {ascii(key[:60])} must be letters, digits, '_' or '-', dotted for nested fields")
     return "$." + ".".join(f'"{part}"' for part in key.split("."))
 
 
 def _scalar(value):
     if isinstance(value, bool):
         return int(value)  # json_extract gives 1/0 for true/false
+    # What SQLite cannot bind (or binds as something else) is the client's error, not a 500.
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise _bad("an integer is out of range (signed 64 bits)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad("NaN and Infinity are not JSON numbers")
+    if isinstance(value, str) and bad_unicode_at(value) is not None:
+        raise _bad("a string value is not valid Unicode (lone surrogate)")
     if value is None or isinstance(value, (int, float, str)):
         return value
     raise _bad(f"value {json.dumps(value)[:60]} must be a string, number, boolean or null")
@@ -71,6 +80,8 @@ def filter_sql(flt: dict | None, column: str = "d.metadata", depth: int = 0) -> 
         raise _bad("a filter is an object")
     if depth > MAX_DEPTH:
         raise _bad("nested too deeply")
+    if depth == 0:  # depth, Unicode, integer range of the whole filter, before any recursion over it
+        check_json(flt, "filter", code="invalid_filter")
     parts, params = [], []
     for key, cond in flt.items():
         if key in ("$and", "$or"):

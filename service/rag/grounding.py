@@ -14,6 +14,7 @@ from typing import Callable
 
 from service.rag.errors import RagError
 from service.rag.prompt import drop_weakest, select_sources, sources_message
+from service.rag.validate import check_collection_name, check_json
 
 MAX_TOP_K = 50
 TEMPLATE_MARGIN = 16  # tokens the chat template adds around one more message
@@ -44,6 +45,9 @@ def parse_spec(raw) -> RagSpec:
     flt = raw.get("filter")
     if flt is not None and not isinstance(flt, dict):
         raise RagError(400, "rag.filter must be an object", param="rag.filter")
+    check_collection_name(raw["collection"], "rag.collection")
+    if flt is not None:
+        check_json(flt, "rag.filter", code="invalid_filter")
     return RagSpec(raw["collection"], top_k, mode, flt)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 import time
 import uuid
@@ -24,14 +23,15 @@ from service.rag.chunking import ChunkingConfig, chunk_text, offsets_from_tokeni
 from service.rag.collection import DB_FILE, Collection, CollectionSettings
 from service.rag.config import DocInput, RagConfig
 from service.rag.docstore import NewDocument
-from service.rag.errors import RagError, collection_not_found, document_not_found
+from service.rag.errors import (RagError, collection_damaged, collection_not_found, damage_reason,
+                                document_not_found)
 from service.rag.batcher import QueryBatcher
 from service.rag.retriever import Mode, retrieve
+from service.rag.validate import (NAME, check_collection_name, check_document_id, check_documents, check_json,
+                                  check_text)
 from service.rag.vector_index import IndexConfig
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_DOC_ID = re.compile(r"^[^/\x00-\x1f]{1,256}$")
 
 
 class RagStore:
@@ -42,6 +42,7 @@ class RagStore:
         self.embedder_for = embedder_for  # model id -> Embedder (encode, tokenizer, dim, max_seq_length)
         self.metrics = metrics
         self.collections: dict[str, Collection] = {}
+        self.damaged: dict[str, str] = {}  # name -> why it could not be opened (retried on each use)
         self._open_locks: dict[str, asyncio.Lock] = {}
         self._write_locks: dict[str, asyncio.Lock] = {}
         self._batchers: dict[str, QueryBatcher] = {}
@@ -59,8 +60,8 @@ class RagStore:
         for name in await asyncio.to_thread(self._names):  # verify / rebuild indexes now, not on first use
             try:
                 await self.get(name)
-            except Exception:
-                log.exception("could not open collection %s", name)
+            except RagError:  # damaged: logged by get, reported by list/describe
+                pass
 
     def _sweep(self) -> None:
         """Remove what a crash mid-create or mid-drop left behind."""
@@ -70,7 +71,8 @@ class RagStore:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / DB_FILE).exists() and not p.name.startswith("."))
+        # Only valid names: a directory made by hand (or by an older version) must not break the listing.
+        return sorted(p.name for p in self.root.iterdir() if NAME.fullmatch(p.name) and (p / DB_FILE).exists())
 
     async def close(self) -> None:
         if self._saver:
@@ -95,9 +97,9 @@ class RagStore:
     # ---- collections ----
     async def create(self, name: str, embedding_model: str, chunk_size: int | None, chunk_overlap: int | None,
                      ann_threshold: int | None = None, metadata: dict | None = None) -> dict:
-        if not _NAME.match(name):
-            raise RagError(400, "collection names are 1-64 letters, digits, '_' or '-', starting with a letter "
-                           "or digit", param="name", code="invalid_name")
+        check_collection_name(name, "name")
+        if metadata is not None:
+            check_json(metadata, "metadata")
         embedder = await self.embedder_for(embedding_model)
         size = chunk_size or self.config.chunk_size
         overlap = min(self.config.chunk_overlap, size // 5) if chunk_overlap is None else chunk_overlap
@@ -134,15 +136,20 @@ class RagStore:
         coll = self.collections.get(name)
         if coll is not None:
             return coll
-        if not _NAME.match(name):
-            raise collection_not_found(name)
+        check_collection_name(name)  # a path segment such as '..' never reaches the file system
         async with self._open_lock(name):
             if name in self.collections:
                 return self.collections[name]
             path = self.root / name
             if not (path / DB_FILE).exists():
                 raise collection_not_found(name)
-            coll = await asyncio.to_thread(Collection.open, path, self.index_config)
+            try:
+                coll = await asyncio.to_thread(Collection.open, path, self.index_config)
+            except Exception as exc:  # corrupt database or settings: this collection only
+                reason = self.damaged[name] = damage_reason(exc, path)
+                log.error("collection %s is damaged: %s", name, reason)
+                raise collection_damaged(name, reason) from None
+            self.damaged.pop(name, None)
             self._write_locks.setdefault(name, asyncio.Lock())
             self.collections[name] = coll
             return coll
@@ -151,23 +158,40 @@ class RagStore:
         out = []
         for name in await asyncio.to_thread(self._names):
             try:
-                out.append(await asyncio.to_thread((await self.get(name)).describe))
+                out.append(await self.describe(name))
             except RagError:  # dropped meanwhile
                 continue
         return out
 
     async def describe(self, name: str) -> dict:
-        return await asyncio.to_thread((await self.get(name)).describe)
+        """The collection's state; a damaged one answers {"status": "damaged", "reason"} instead of failing."""
+        try:
+            coll = await self.get(name)
+            return await asyncio.to_thread(coll.describe)
+        except RagError as exc:
+            if exc.code != "collection_damaged":
+                raise
+            reason = self.damaged.get(name, exc.message)
+        except Exception as exc:  # open, but its files broke since: report, do not fail the listing
+            reason = damage_reason(exc, self.root / name)
+            log.error("collection %s: describe failed: %s", name, reason)
+        return {"object": "rag.collection", "name": name, "status": "damaged", "reason": reason}
 
     async def drop(self, name: str) -> None:
-        coll = await self.get(name)
-        async with self._open_lock(name), self._write_locks[name]:
-            self.collections.pop(name, None)
-            coll.close()
-            grave = self.root / f".drop-{name}-{uuid.uuid4().hex[:8]}"
-            await asyncio.to_thread((self.root / name).rename, grave)  # gone at once, even if rmtree stops
-            await asyncio.to_thread(shutil.rmtree, grave, True)
+        """Drop a collection, damaged ones included (that is how a client gets rid of them)."""
+        check_collection_name(name)
+        async with self._open_lock(name):
+            coll = self.collections.pop(name, None)
+            if coll is None and not (self.root / name / DB_FILE).exists():
+                raise collection_not_found(name)
+            async with self._write_locks.setdefault(name, asyncio.Lock()):
+                if coll is not None:
+                    coll.close()
+                grave = self.root / f".drop-{name}-{uuid.uuid4().hex[:8]}"
+                await asyncio.to_thread((self.root / name).rename, grave)  # gone at once, even if rmtree stops
+                await asyncio.to_thread(shutil.rmtree, grave, True)
             self._batchers.pop(name, None)
+            self.damaged.pop(name, None)
 
     # ---- documents ----
     async def add(self, name: str, inputs: list[DocInput], upsert: bool = False) -> dict:
@@ -181,16 +205,7 @@ class RagStore:
                            f"{cfg.max_documents_per_request}: send smaller batches", param="documents",
                            code="too_many_documents")
         ids = [d.id or uuid.uuid4().hex for d in inputs]
-        for doc_id in ids:
-            if not _DOC_ID.match(doc_id):
-                raise RagError(400, f"document id {doc_id[:60]!r}: 1-256 characters, no '/' or control characters",
-                               param="documents.id", code="invalid_document_id")
-        if len(set(ids)) != len(ids):
-            raise RagError(400, "document ids repeat within the request", param="documents.id")
-        for d, doc_id in zip(inputs, ids):
-            if not d.text or not d.text.strip():
-                raise RagError(400, f"document {d.source or doc_id!r} has no text", param="documents.text",
-                               code="empty_document")
+        check_documents(inputs, ids)
         embedder = await self.embedder_for(coll.settings.embedding_model)
         chunking = ChunkingConfig(coll.settings.chunk_size, coll.settings.chunk_overlap)
         offsets = self._offsets.get(coll.settings.embedding_model)
@@ -218,6 +233,7 @@ class RagStore:
                 "num_chunks": len(res.added_ids), "num_replaced_chunks": len(res.removed_ids)}
 
     async def delete_document(self, name: str, doc_id: str) -> dict:
+        check_document_id(doc_id)  # a URL path segment: '..' or '.' here was never a document
         coll = await self.get(name)
         async with self._write_locks[name]:
             try:
@@ -230,6 +246,7 @@ class RagStore:
                 "num_chunks": len(res.removed_ids)}
 
     async def get_document(self, name: str, doc_id: str, with_chunks: bool) -> dict:
+        check_document_id(doc_id)  # a URL path segment: '..' or '.' here was never a document
         coll = await self.get(name)
 
         def read():
@@ -258,8 +275,11 @@ class RagStore:
             mode_ = Mode(mode)
         except ValueError:
             raise RagError(400, "mode must be one of dense, keyword, hybrid", param="mode") from None
-        if not query or not query.strip():
+        if not isinstance(query, str) or not query.strip():
             raise RagError(400, "query must be non-empty", param="query")
+        check_text(query, "query")
+        if flt is not None:
+            check_json(flt, "filter", code="invalid_filter")
         qvec = None
         if mode_ != Mode.KEYWORD:
             batcher = self._batchers.get(name)
@@ -285,3 +305,4 @@ class RagStore:
         """Per open collection: documents, chunks (SQLite) and vectors (index), for metrics."""
         return {name: {**c.counts, "num_vectors": c.index.num_vectors}
                 for name, c in list(self.collections.items()) if not c.closed}
+

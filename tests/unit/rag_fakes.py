@@ -51,3 +51,41 @@ class FakeEmbedder:
 def random_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_rag_app(root, **cfg):
+    """The /v1/rag router and the real error handlers over a RagStore with FakeEmbedder (model "fake"):
+    in-process HTTP tests without a model pool. Use it through fastapi.testclient.TestClient (a `with`
+    block runs the lifespan: store start / close)."""
+    from contextlib import asynccontextmanager
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+
+    from service.api.errors import install_error_handlers
+    from service.api.routes import rag as rag_routes
+    from service.rag.errors import RagError
+    from service.rag.store import RagConfig, RagStore
+
+    emb = FakeEmbedder()
+
+    async def embedder_for(model_id):
+        if model_id != "fake":
+            raise RagError(404, f"no model {model_id}", param="embedding_model")
+        return emb
+
+    store = RagStore(root, RagConfig(**{"save_interval_s": 3600, **cfg}), embedder_for)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        await store.start()
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.frontier = SimpleNamespace(rag=store, settings=SimpleNamespace(default_embedding_model="fake"))
+    install_error_handlers(app)
+    app.include_router(rag_routes.router)
+    return app

@@ -17,6 +17,7 @@ from service.api.schemas.rag import (AddDocumentsRequest, CreateCollectionReques
 from service.rag.errors import RagError
 from service.rag.extract import extract_text
 from service.rag.store import DocInput, RagConfig, RagStore
+from service.rag.validate import check_document_id, check_json
 
 router = APIRouter(prefix="/v1/rag")
 
@@ -41,8 +42,10 @@ def _store(request: Request) -> RagStore:
 async def _json_body(request: Request, model):
     try:
         raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers over 4300 digits
         raise RagError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:  # json.loads recurses per nesting level
+        raise RagError(400, "malformed JSON body: nested too deeply") from None
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
@@ -68,13 +71,17 @@ async def _form_documents(form, cfg, single_id: str | None) -> tuple[list[DocInp
     uploads = [v for k, v in form.multi_items() if k in ("file", "files") and hasattr(v, "read")]
     if not uploads:
         raise RagError(400, "multipart upload needs at least one file in the 'file' or 'files' field", param="file")
-    try:
-        metadata = json.loads(form.get("metadata") or "{}")
-    except ValueError:
+    raw = form.get("metadata") or "{}"
+    try:  # a file sent as `metadata` is not a JSON text; deep nesting makes json.loads recurse
+        metadata = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
         metadata = None
     if not isinstance(metadata, dict):
         raise RagError(400, "metadata must be a JSON object", param="metadata")
+    check_json(metadata, "metadata")
     doc_id = single_id or form.get("id") or None
+    if doc_id is not None:
+        check_document_id(doc_id, "id")
     if doc_id and len(uploads) > 1:
         raise RagError(400, "an id can only be given with a single file", param="id")
     docs = []
@@ -142,6 +149,7 @@ async def get_document(name: str, doc_id: str, request: Request, include_chunks:
 @router.put("/collections/{name}/documents/{doc_id}")
 async def replace_document(name: str, doc_id: str, request: Request):
     """Replace (or create) the document with this id: its old chunks and vectors go in the same transaction."""
+    check_document_id(doc_id)  # before reading the body
     store = _store(request)
     await store.get(name)
     if _is_multipart(request):

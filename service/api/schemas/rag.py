@@ -1,14 +1,36 @@
-"""Request bodies of /v1/rag/*. Unknown fields are errors here (a typo in "top_k" should not pass)."""
+"""Request bodies of /v1/rag/*. Unknown fields are errors here (a typo in "top_k" should not pass).
+Ids, names, metadata and filters use the checks of service/rag/validate.py (the store repeats them for
+the other ways in): a 400 naming the field, never a value that cannot be stored and read back."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from service.api.schemas.openai import ChatCompletionRequest, ChatMessage
+from service.rag.errors import RagError
+from service.rag import validate
 
-DocId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^/\x00-\x1f]+$")]
+
+def _checked(check, *args):
+    """An AfterValidator running a service.rag.validate check; its message (naming the nested place,
+    e.g. metadata.tags.2) becomes the validation error at this field."""
+    def run(value):
+        if value is not None:
+            try:
+                check(value, *args)
+            except RagError as exc:
+                raise PydanticCustomError("invalid_value", "{reason}", {"reason": exc.message}) from None
+        return value
+    return AfterValidator(run)
+
+
+DocId = Annotated[str, Field(min_length=1, max_length=256), _checked(validate.check_document_id)]
+CollectionName = Annotated[str, Field(min_length=1, max_length=64), _checked(validate.check_collection_name)]
+Metadata = Annotated[dict[str, Any], _checked(validate.check_json, "metadata")]
+Filter = Annotated[dict[str, Any] | None, _checked(validate.check_json, "filter")]
 Mode = Literal["dense", "keyword", "hybrid"]
 
 
@@ -17,18 +39,18 @@ class _Strict(BaseModel):
 
 
 class CreateCollectionRequest(_Strict):
-    name: Annotated[str, Field(min_length=1, max_length=64)]
+    name: CollectionName
     embedding_model: str | None = None
     chunk_size: Annotated[int, Field(ge=8, le=8192)] | None = None
     chunk_overlap: Annotated[int, Field(ge=0)] | None = None
     ann_threshold: Annotated[int, Field(ge=1)] | None = None  # exact search up to this many vectors
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class DocumentIn(_Strict):
     id: DocId | None = None
     text: Annotated[str, Field(min_length=1)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class AddDocumentsRequest(_Strict):
@@ -38,14 +60,14 @@ class AddDocumentsRequest(_Strict):
 
 class ReplaceDocumentRequest(_Strict):
     text: Annotated[str, Field(min_length=1)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class SearchRequest(_Strict):
     query: Annotated[str, Field(min_length=1, max_length=10_000)]
     top_k: Annotated[int, Field(ge=1, le=100)] = 5
     mode: Mode = "hybrid"
-    filter: dict[str, Any] | None = None
+    filter: Filter = None
 
 
 class RagChatRequest(ChatCompletionRequest):
@@ -55,7 +77,7 @@ class RagChatRequest(ChatCompletionRequest):
     query: str | None = None
     top_k: Annotated[int, Field(ge=1, le=50)] = 4
     mode: Mode = "hybrid"
-    filter: dict[str, Any] | None = None
+    filter: Filter = None
 
     @field_validator("query")
     @classmethod
