@@ -5,107 +5,26 @@ Int8 scheme (measured on SmolLM2-135M, see bench/results/perplexity.md):
 - activations: quantized dynamically by `quantized::linear_dynamic`, which picks ONE scale for the
   whole input tensor. One outlier token would spoil that scale for every token, so each row is
   first divided by its max-abs (per-token scaling) and the output rows are multiplied back;
+  how many activation bits are safe depends on the kernel the CPU runs (int8_linear.py);
 - smoothing moves per-channel activation outliers into the weights before quantization
   (s_j = max|X_j|^a / max|W_j|^(1-a); X/s folded into the producer, W*s into the consumers).
 """
 from __future__ import annotations
 
 import enum
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from service.modeling.int8_linear import Int8Linear, Int8Scheme  # noqa: F401 (re-exported)
 
 
 class QuantMode(str, enum.Enum):
     NONE = "none"
     INT8 = "int8"  # per-channel weights, per-token dynamic activations (+ smoothing if calibrated)
     BF16 = "bf16"
-
-
-def _set_x86_engine() -> None:
-    if "x86" in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = "x86"
-
-
-def _default_reduce_range() -> bool:
-    # Without VNNI, fbgemm's u8*s8 pair sums go through saturating int16 (vpmaddubsw): 7-bit
-    # activations avoid that. With VNNI (this machine) the full 8 bits are safe and more accurate.
-    try:
-        return not torch.cpu._is_vnni_supported()
-    except AttributeError:
-        return True
-
-
-class Int8Linear(nn.Module):
-    """Drop-in for nn.Linear with int8 weights and dynamically quantized activations.
-
-    With per_token=True two constant columns (+1, -1) are appended to the row-normalised input
-    (their weight columns are zero): the kernel's per-tensor range is then always exactly [-1, 1],
-    so a row's result does not depend on which other rows share the batch (prefill == decode,
-    speculative verify == plain decode).
-    """
-
-    def __init__(self, linear: nn.Linear, per_channel: bool = True, per_token: bool = True,
-                 reduce_range: bool | None = None):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.per_channel, self.per_token = per_channel, per_token
-        self.reduce_range = _default_reduce_range() if reduce_range is None else reduce_range
-        w = linear.weight.detach().float().cpu()  # [out, in]
-        amax = w.abs().amax(1) if per_channel else w.abs().amax().expand(w.shape[0])
-        scale = amax.clamp_min(1e-8) / 127.0  # [out]
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("weight_scale", scale.contiguous())
-        bias = None if linear.bias is None else linear.bias.detach().float().cpu().clone()
-        self.register_buffer("bias", bias)
-        self._packed = None
-        self._pin = torch.tensor([1.0, -1.0])  # values of the two range-pinning columns
-        self.register_load_state_dict_post_hook(lambda mod, _keys: mod._pack())
-        self._pack()
-
-    def _pack(self) -> None:
-        # The packed object is a ScriptObject: not moved by .to(), not in state_dict; rebuilt here.
-        _set_x86_engine()
-        q, s = self.qweight.cpu(), self.weight_scale.double().cpu()
-        if self.per_token:  # zero weight columns for the two range-pinning input columns
-            q = torch.cat([q, q.new_zeros(q.shape[0], 2)], dim=1)
-        zp = torch.zeros(q.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensor constructors are flagged deprecated
-            warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(q, s, zp, 0)
-            bias = None if self.per_token or self.bias is None else self.bias.cpu()
-            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
-
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.weight_scale.to(dtype)[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] -> [..., out]
-        if x.device.type != "cpu":  # no fbgemm off-CPU: dequantized weights (weight-only int8)
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        lead, dtype = x.shape[:-1], x.dtype
-        x2 = x.reshape(-1, self.in_features).float()  # [n, in]
-        if not self.per_token:
-            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self._packed, self.reduce_range)
-            return y.reshape(*lead, self.out_features).to(dtype)
-        r = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # [n, 1]
-        xs = x2.new_empty(x2.shape[0], self.in_features + 2)  # [n, in + 2]
-        torch.div(x2, r, out=xs[:, : self.in_features])
-        xs[:, self.in_features :] = self._pin
-        y = torch.ops.quantized.linear_dynamic(xs, self._packed, self.reduce_range)  # [n, out]
-        y.mul_(r)  # in place: these small ops cost as much as the GEMM at decode batch sizes
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.reshape(*lead, self.out_features).to(dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"per_channel={self.per_channel}, per_token={self.per_token}")
 
 
 # ---------------------------------------------------------------- smoothing
@@ -279,7 +198,7 @@ def quantize_model(model: nn.Module, mode: QuantMode | str, calib_batches: Itera
                    forward_fn: Callable | None = None, **int8_kwargs) -> nn.Module:
     """Apply a quantization mode in place. INT8 smooths first when calib_batches are given.
     lm_head=True quantizes the output projection too (smoothed with the final norm when
-    calibrated); int8_kwargs go to Int8Linear (per_channel, per_token, reduce_range)."""
+    calibrated); int8_kwargs go to Int8Linear (per_channel, per_token, scheme)."""
     mode = QuantMode(mode)
     if mode is QuantMode.BF16:
         return model.to(torch.bfloat16)
