@@ -11,8 +11,11 @@ import numpy as np
 class QueryBatcher:
     """Encodes queries in batches: whatever queued while the previous batch ran goes next."""
 
-    def __init__(self, embedder, max_batch: int = 64):
-        self.embedder, self.max_batch = embedder, max_batch
+    def __init__(self, embedder, max_batch: int | None = None):
+        # One embedder slice per batch: the embedder schedules slices round-robin across callers, so a
+        # batch of queries waits for about one slice of a large embedding call, not for all of it.
+        self.embedder = embedder
+        self.max_batch = max_batch or getattr(embedder, "slice_size", 64)
         self.pending: list[tuple[str, asyncio.Future]] = []
         self.running = False
 
