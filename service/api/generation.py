@@ -7,6 +7,7 @@ chunks are shaped.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -15,6 +16,8 @@ from fastapi import Request
 
 from service.api.errors import APIError
 from service.engine.types import GenerationRequest, RequestOutput, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
@@ -27,6 +30,30 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, p
                        f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {param}, "
                        f"{max_tokens} in the completion). Reduce the length of the {param} or max_tokens.",
                        param="max_tokens", code="context_length_exceeded")
+
+
+def check_sequences(num_prompts: int, n: int, limit: int) -> None:
+    """Bounded work: one request may not queue more than `limit` sequences (prompts x n), however
+    the engine's queue stands; checked before any prompt is tokenized."""
+    if num_prompts * n > limit:
+        raise APIError(400, f"this request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x n={n}); "
+                       f"at most {limit} per request (max_sequences_per_request)", param="n",
+                       code="too_many_sequences")
+
+
+def check_token_ids(body, vocab: int) -> None:
+    """Token ids a request names must exist in the model's vocabulary."""
+    bad = [t for t in body.stop_token_ids or () if t >= vocab]
+    if bad:
+        raise APIError(400, f"stop_token_ids must be in [0, {vocab}); got {bad[0]}", param="stop_token_ids")
+
+
+def admit(engine, reqs: list[GenerationRequest]) -> None:
+    """Queue and size checks of all the request's generations at once, before the first response
+    byte (a stream must not answer 200 and then fail with 429); the engine checks again."""
+    check = getattr(engine, "check_admission", None)
+    if check is not None:
+        check(reqs)
 
 
 def _pick(value, default, fallback):
@@ -68,15 +95,40 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_generated: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs (first entry None)
 
 
-async def run_request(engine, greq: GenerationRequest, metrics, model_id: str) -> AsyncIterator[RequestOutput]:
-    """Engine outputs of one request, recording latency and token metrics as they pass."""
+async def _until(stream: AsyncIterator, deadline: float | None, timeout_s: float | None) -> AsyncIterator:
+    """The items of `stream` until the deadline (loop time, None: none). Past it, and whenever this
+    generator is closed, the stream is closed, which aborts the generation in the engine. The
+    timeout wraps each wait, never a yield (the consumer's time between items is its own)."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if deadline is None:
+                    raise
+                raise APIError(504, f"the request took longer than request_timeout_s={timeout_s:g}s and was stopped",
+                               type="server_error", code="request_timeout") from None
+            yield item
+    finally:
+        await stream.aclose()
+
+
+async def run_request(engine, greq: GenerationRequest, metrics, model_id: str,
+                      timeout_s: float | None = None) -> AsyncIterator[RequestOutput]:
+    """Engine outputs of one request, recording latency and token metrics as they pass.
+    `timeout_s` (settings.request_timeout_s): the generation's deadline, None for none."""
     start = time.monotonic()
     last: dict[int, float] = {}
     first = True
+    deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None
     try:
-        async for out in engine.generate(greq):
+        async for out in _until(engine.generate(greq), deadline, timeout_s):
             now = time.monotonic()
             if first:
                 metrics.ttft.labels(model_id).observe(now - start)
@@ -129,8 +181,22 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator:
             t.cancel()
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away: waits on the ASGI receive channel (the body is already
+    read, so the next message is http.disconnect), which works behind any middleware that passes
+    receive on. Polling `request.is_disconnected()` did not behind a BaseHTTPMiddleware
+    (@app.middleware("http")): it reads under a cancelled scope, and that middleware's receive
+    wrapper loses the message to the cancellation in its own task group."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # no channel to watch (not an ASGI server?): just let the request finish
+        log.warning("cannot watch for client disconnects", exc_info=True)
+        await asyncio.Event().wait()
+
+
 async def collect(request: Request, stream: AsyncIterator[tuple[int, RequestOutput]], choices: dict[int, Choice]):
-    """Drain a non-streamed request; stop (and abort) if the client disconnects meanwhile."""
+    """Drain a non-streamed request; stop (and abort: KV freed) if the client disconnects meanwhile."""
 
     async def drain():
         async for idx, out in stream:
@@ -139,16 +205,19 @@ async def collect(request: Request, stream: AsyncIterator[tuple[int, RequestOutp
             c.token_ids += out.token_ids
             if out.logprobs:
                 c.logprobs += out.logprobs
+            if out.prompt_logprobs is not None:
+                c.prompt_logprobs = out.prompt_logprobs
             c.num_generated = out.num_generated_tokens
             if out.finished:
                 c.finish_reason = "length" if out.finish_reason and out.finish_reason.value == "length" else "stop"
 
     task = asyncio.create_task(drain())
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=1.0)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            break
+    watcher = asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled: closing the stream aborts the engine's sequences
+        watcher.cancel()
+        task.cancel()
     try:
         await task
     except asyncio.CancelledError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.engine.output_processor import SequenceOutput
+from service.engine.output_processor import SequenceOutput, token_logprobs
 from service.engine.sampler import SamplingRow, make_generator, sample
 from service.engine.threaded import ThreadedEngine
 from service.engine.types import FinishReason, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob
@@ -49,10 +49,11 @@ class HFEngine(ThreadedEngine):
         self.max_model_len = max_model_len
         self.max_waiting = max_waiting
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._num_waiting_seqs = 0  # sequences of _waiting (written by the worker, read by admission)
         self._active: _Active | None = None
         self.num_steps = 0
 
-    def _validate(self, req: GenerationRequest) -> None:
+    def _validate(self, req: GenerationRequest, num_ahead: int = 0) -> None:
         from service.engine.types import EngineOverloaded
 
         n = len(req.prompt_token_ids)
@@ -61,8 +62,13 @@ class HFEngine(ThreadedEngine):
                 f"This model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {n} tokens."
             )
-        if len(self._waiting) >= self.max_waiting:
-            raise EngineOverloaded(f"{len(self._waiting)} requests are waiting; try again shortly")
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if vocab and n and (min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab):
+            raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {vocab}).")
+        # Sequences, not requests (see NativeEngine._validate); an empty queue always takes one.
+        pending = self._num_waiting_seqs + self._num_queued_seqs() + num_ahead
+        if pending and pending + req.sampling.n > self.max_waiting:
+            raise EngineOverloaded(f"{pending} sequences are waiting (limit {self.max_waiting}); try again shortly")
 
     def stats(self) -> dict[str, float]:
         return {
@@ -72,6 +78,7 @@ class HFEngine(ThreadedEngine):
 
     def _add(self, req: GenerationRequest) -> None:
         self._waiting.append(req)
+        self._num_waiting_seqs += req.sampling.n
 
     def _has_work(self) -> bool:
         return self._active is not None or bool(self._waiting)
@@ -80,21 +87,22 @@ class HFEngine(ThreadedEngine):
         for req in list(self._waiting):
             if req.request_id == request_id:
                 self._waiting.remove(req)
-                return []
+                self._num_waiting_seqs -= req.sampling.n
+                return [s.abort() for s in self._outputs(req)]
         if self._active and self._active.req.request_id == request_id:
             outs = [s.out.abort() for s in self._active.seqs if not s.out.finished]
             self._active = None
             return outs
         return []
 
+    def _outputs(self, req: GenerationRequest) -> list[SequenceOutput]:
+        return [SequenceOutput(req.request_id, i, req.sampling, self.tokenizer, self.eos_token_ids,
+                               len(req.prompt_token_ids), self.max_model_len) for i in range(req.sampling.n)]
+
     def _begin(self, req: GenerationRequest) -> _Active:
         p = req.sampling
         seqs = []
-        for i in range(p.n):
-            out = SequenceOutput(
-                req.request_id, i, p, self.tokenizer, self.eos_token_ids,
-                len(req.prompt_token_ids), self.max_model_len,
-            )
+        for i, out in enumerate(self._outputs(req)):
             row = SamplingRow(p, make_generator(p.seed, i, self.device), out.token_ids, req.prompt_token_ids, [])
             controller = req.controller_factory() if req.controller_factory else None
             seqs.append(_Seq(out, row, controller))
@@ -102,14 +110,39 @@ class HFEngine(ThreadedEngine):
         return _Active(req, seqs, None, ids)
 
     def _step(self) -> list[RequestOutput]:
+        # One request per step: whatever raises here is that request's failure alone.
         if self._active is None:
-            self._active = self._begin(self._waiting.popleft())
-        act = self._active
+            req = self._waiting.popleft()
+            self._num_waiting_seqs -= req.sampling.n
+            try:
+                self._active = self._begin(req)
+            except Exception as exc:
+                log.exception("hf: could not start request %s", req.request_id)
+                return self._fail_request(req.request_id, str(exc), req.sampling.n)
+        try:
+            return self._advance(self._active)
+        except Exception as exc:
+            log.exception("hf: step failed for request %s", self._active.req.request_id)
+            return self._fail_request(self._active.req.request_id, str(exc))
+
+    def _advance(self, act: _Active) -> list[RequestOutput]:
         for s in act.seqs:
             s.row.banned_token_ids = s.controller.banned_tokens(s.out.num_generated) if s.controller else []
-        # logits_to_keep=1: only the last position's logits (a prefill would otherwise build [n, T, V]).
-        result = self.model(input_ids=act.next_input, cache=act.cache, use_cache=True, logits_to_keep=1)
+        p = act.req.sampling
+        # Prompt logprobs need the logits of every prompt position; otherwise only the last
+        # position's (logits_to_keep=1: a prefill would otherwise build [n, T, V]).
+        prefill = act.cache is None
+        every = prefill and p.prompt_logprobs is not None and act.next_input.shape[1] > 1
+        if prefill and p.prompt_logprobs is not None and not every:  # a one-token prompt: [None]
+            self._set_prompt_logprobs(act, None)
+        if prefill and p.max_tokens == 0 and not every:  # nothing to compute
+            return self._prompt_only(act)
+        result = self.model(input_ids=act.next_input, cache=act.cache, use_cache=True, logits_to_keep=0 if every else 1)
         act.cache = result.cache
+        if every:
+            self._set_prompt_logprobs(act, result.logits)
+        if p.max_tokens == 0:
+            return self._prompt_only(act)
         logits = result.logits[:, -1, :]  # [n, V]
         token_ids, logprobs = sample(logits, [s.row for s in act.seqs])
         token_list = token_ids.tolist()
@@ -137,6 +170,20 @@ class HFEngine(ThreadedEngine):
         if all(s.out.finished for s in act.seqs):
             self._active = None
         return outputs
+
+    def _set_prompt_logprobs(self, act: _Active, logits: torch.Tensor | None) -> None:
+        """After the prefill: logits [n, T, V] of every prompt position (None: a one-token prompt)."""
+        k = act.req.sampling.prompt_logprobs
+        values: list[TokenLogprob | None] = [None]
+        if logits is not None:  # row 0: the n rows share the prompt; position t predicts token t + 1
+            values += token_logprobs(logits[0, :-1], act.next_input[0, 1:], k)
+        for s in act.seqs:
+            s.out.set_prompt_logprobs(values)
+
+    def _prompt_only(self, act: _Active) -> list[RequestOutput]:
+        """max_tokens 0 (echo the prompt and its logprobs): done after the prefill, nothing sampled."""
+        self._active = None
+        return [s.out.finish_prompt_only() for s in act.seqs]
 
 
 def load_hf_engine(model_dir, device: torch.device, dtype: torch.dtype, max_model_len: int | None, max_waiting: int):

@@ -87,16 +87,22 @@ class BlockManager:
             hits.append(bid)
         return hits
 
+    def _hits(self, seq) -> list[int]:
+        # A sequence that must compute every prompt position (prompt logprobs) reads nothing from
+        # the cache; it still publishes its blocks for the others.
+        return self._cached_prefix(seq.token_ids) if getattr(seq, "reads_prefix_cache", True) else []
+
     def can_allocate(self, seq) -> bool:
-        hits = self._cached_prefix(seq.token_ids)
+        hits = self._hits(seq)
         in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)  # shared: costs no free block
         return self.num_blocks_for(len(seq.token_ids)) - in_use <= self.num_free_blocks
 
     def allocate(self, seq) -> int:
         """Give `seq` blocks for all its tokens; returns the number of tokens served from the cache."""
         assert not seq.block_table, "sequence already holds blocks"
-        hits = self._cached_prefix(seq.token_ids)
-        self.num_prefix_queries += len(seq.token_ids)
+        hits = self._hits(seq)
+        if getattr(seq, "reads_prefix_cache", True):  # a bypass is no query (the hit rate stays honest)
+            self.num_prefix_queries += len(seq.token_ids)
         self.num_prefix_hits += len(hits) * self.block_size
         for bid in hits:
             block = self.blocks[bid]

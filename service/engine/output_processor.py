@@ -6,6 +6,8 @@ The engine hands each accepted token to `SequenceOutput.append`; it returns the 
 
 from __future__ import annotations
 
+import torch
+
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
@@ -36,6 +38,7 @@ class SequenceOutput:
         self.finish_reason: FinishReason | None = None
         self._pending_ids: list[int] = []
         self._pending_logprobs: list[TokenLogprob] = []
+        self._prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, then None
 
     @property
     def num_generated(self) -> int:
@@ -60,6 +63,15 @@ class SequenceOutput:
                 self._finish(FinishReason.LENGTH)
         return self._delta()
 
+    def set_prompt_logprobs(self, values: list[TokenLogprob | None]) -> None:
+        """The prompt's logprobs (first entry None): they ride on the next delta, once."""
+        self._prompt_logprobs = values
+
+    def finish_prompt_only(self) -> RequestOutput:
+        """max_tokens 0 (echo the prompt with its logprobs): done after the prefill, nothing generated."""
+        self._finish(FinishReason.LENGTH)
+        return self._delta(force=True)
+
     def abort(self, reason: FinishReason = FinishReason.ABORT, error: str | None = None) -> RequestOutput:
         self.finished, self.finish_reason = True, reason
         out = self._delta(force=True)
@@ -67,9 +79,12 @@ class SequenceOutput:
         return out
 
     def _finish(self, reason: FinishReason) -> None:
-        self.finished, self.finish_reason = True, reason
         if reason == FinishReason.LENGTH:
+            # The flush may complete a character that completes a stop string: then it is a stop.
             self.text += self.detok.flush()
+            if self.params.stop and self._cut_at_stop_string():
+                reason = FinishReason.STOP
+        self.finished, self.finish_reason = True, reason
 
     def _cut_at_stop_string(self) -> bool:
         # Only the tail can hold a new match: text before num_emitted_chars was already checked.
@@ -94,7 +109,7 @@ class SequenceOutput:
     def _delta(self, force: bool = False) -> RequestOutput | None:
         end = len(self.text) - self._holdback()
         new_text = self.text[self.num_emitted_chars : end] if end > self.num_emitted_chars else ""
-        if not (new_text or self.finished or force or self._pending_logprobs):
+        if not (new_text or self.finished or force or self._pending_logprobs or self._prompt_logprobs is not None):
             return None
         self.num_emitted_chars = max(self.num_emitted_chars, end)
         out = RequestOutput(
@@ -103,10 +118,24 @@ class SequenceOutput:
             text=new_text,
             token_ids=self._pending_ids,
             logprobs=self._pending_logprobs if self.params.logprobs else None,
+            prompt_logprobs=self._prompt_logprobs,
             finished=self.finished,
             finish_reason=self.finish_reason,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generated_tokens=self.num_generated,
         )
-        self._pending_ids, self._pending_logprobs = [], []
+        self._pending_ids, self._pending_logprobs, self._prompt_logprobs = [], [], None
         return out
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Logprob of each target token under its row's distribution, plus the top-k alternatives.
+    logits: [T, V] (any float dtype; computed in float32); targets: [T] token ids."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+    chosen = lp.gather(1, targets.view(-1, 1)).squeeze(1).tolist()
+    ids = targets.tolist()
+    if k <= 0:
+        return [TokenLogprob(t, v) for t, v in zip(ids, chosen)]
+    top_vals, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return [TokenLogprob(t, v, list(zip(ti, tv)))
+            for t, v, ti, tv in zip(ids, chosen, top_ids.tolist(), top_vals.tolist())]

@@ -81,6 +81,10 @@ class ModelRunner:
             cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
         self._ws = torch.empty(0, dtype=self.dtype, device=self.device)
+        # Set by each `run`: for the items whose sequence asked for prompt logprobs, the logits at the
+        # chunk's positions that predict a prompt token: (item, [m, V] float32), row j = position
+        # item.start + j, predicting prompt token item.start + j + 1. Empty for all other steps.
+        self.prompt_logits: list[tuple[ScheduledSeq, torch.Tensor]] = []
 
     def workspace(self, numel: int) -> torch.Tensor:
         if self._ws.numel() < numel:  # grow geometrically; reused by every layer and step
@@ -126,9 +130,13 @@ class ModelRunner:
         prefill = [it for it in batch if it.num_tokens > 1]
         ordered = decode + prefill
         bs = self.block_size
-        input_ids, positions, slots, logits_index, samplers = [], [], [], [], []
+        input_ids, positions, slots, logits_index, samplers, prompt_rows = [], [], [], [], [], []
         for it in ordered:
             table = it.seq.block_table
+            if it.seq.prompt_logprobs is not None:  # rows of positions start.. that predict a prompt token
+                m = min(it.num_tokens, it.seq.num_prompt_tokens - 1 - it.start)
+                if m > 0:
+                    prompt_rows.append((it, len(input_ids), m))
             for pos in range(it.start, it.start + it.num_tokens):
                 slots.append(table[pos // bs] * bs + pos % bs)
             positions += range(it.start, it.start + it.num_tokens)
@@ -144,6 +152,8 @@ class ModelRunner:
         dev = self.device
         attn = PagedAttention(self, torch.tensor(slots, device=dev), groups)
         hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), attn)
+        # hidden: [num_tokens, hidden]
+        self.prompt_logits = [(it, self.model.compute_logits(hidden[off : off + m])) for it, off, m in prompt_rows]
         if not samplers:
             return [], hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         return samplers, self.model.compute_logits(hidden.index_select(0, torch.tensor(logits_index, device=dev)))

@@ -35,6 +35,9 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     siblings: list["Sequence"] = field(default_factory=list)  # the other sequences of its request
     payload: object = None  # the engine's per-sequence state (sampling row, output processor, ...)
+    # Not None while this sequence still owes its prompt's logprobs (top-k alternatives): the runner
+    # computes logits at every prompt position and the prefix cache is not read (a hit would skip them).
+    prompt_logprobs: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +46,10 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        return self.prompt_logprobs is None
 
     @property
     def is_prefilling(self) -> bool:

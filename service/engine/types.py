@@ -35,6 +35,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Logprobs of the prompt's own tokens (echo + logprobs, perplexity, lm-eval loglikelihood):
+    # None = off; k >= 0 = each prompt token's logprob plus the top-k alternatives. The engine
+    # computes logits at every prompt position and reads nothing from the prefix cache for it.
+    prompt_logprobs: int | None = None
     n: int = 1
 
     @property
@@ -86,6 +90,9 @@ class RequestOutput:
     text: str  # new text since the last delta (never a broken UTF-8 sequence)
     token_ids: list[int]  # new token ids since the last delta
     logprobs: list[TokenLogprob] | None = None
+    # Once per sequence, on its first delta, when SamplingParams.prompt_logprobs is set: one entry
+    # per prompt token, the first None (nothing precedes it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
@@ -103,6 +110,9 @@ class Engine(Protocol):
     def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...
+
+    def check_admission(self, reqs: list[GenerationRequest]) -> None:
+        """Raise RequestTooLarge / EngineOverloaded if these requests could not all be queued now."""
 
     def stats(self) -> dict[str, float]: ...
 

@@ -97,7 +97,10 @@ def test_completions_prompts_echo_and_logprobs(client):
                                   temperature=0, logprobs=2, echo=True)
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].text.startswith("The sky is") and r.choices[1].text.startswith("Two plus two")
-    assert all(len(c.logprobs.tokens) == 4 for c in r.choices) or r.usage.completion_tokens < 8
+    # echo + logprobs scores the prompt tokens too (the first has no logprob), then the completion
+    assert sum(len(c.logprobs.tokens) for c in r.choices) == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert all(c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None for c in r.choices)
+    assert all(lp is not None and lp <= 0 for c in r.choices for lp in c.logprobs.token_logprobs[1:])
     streamed = client.completions.create(model=CHAT_MODEL, prompt="The sky is", max_tokens=4, temperature=0,
                                          stream=True)
     single = client.completions.create(model=CHAT_MODEL, prompt="The sky is", max_tokens=4, temperature=0)

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 
 from service.api.deps import resolve_model, state
 from service.api.errors import APIError
-from service.api.generation import Choice, check_context, collect, indexed, run_request, sampling_params, usage
+from service.api.generation import (Choice, admit, check_context, check_sequences, check_token_ids, collect, indexed,
+                                    run_request, sampling_params, usage)
 from service.api.logprobs import chat_logprobs
 from service.api.schemas.openai import ChatCompletionRequest
 from service.api.streaming import sse_response
@@ -76,6 +77,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompt_ids = await _encode(lm.tokenizer, prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens
     check_context(len(prompt_ids), max_tokens, lm.max_model_len, "messages")
+    check_token_ids(body, len(lm.tokenizer))
     params = sampling_params(body, max_tokens, len(prompt_ids), lm.max_model_len, st.settings.max_tokens_default,
                              body.logprobs, body.top_logprobs or 0, lm.manifest.defaults)
     if plan is not None:
@@ -87,10 +89,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             if body.temperature is None:
                 changes["temperature"] = 0.7  # diverse paths: the point of voting
         params = params.__class__(**{**params.__dict__, **changes})
+    check_sequences(1, params.n, st.settings.max_sequences_per_request)  # n, or reasoning.samples
     greq = GenerationRequest(prompt_token_ids=prompt_ids, sampling=params,
                              controller_factory=plan.controller_factory() if plan else None)
+    admit(lm.engine, [greq])  # 429 / 400 before the first response byte, streamed or not
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = indexed(run_request(lm.engine, greq, st.metrics, lm.id), 0)
+    stream = indexed(run_request(lm.engine, greq, st.metrics, lm.id, st.settings.request_timeout_s), 0)
     meta = dict(lm=lm, completion_id=completion_id, created=created, num_prompt=len(prompt_ids),
                 logprobs=body.logprobs, plan=plan, citations=citations)
     if body.stream and not (plan and plan.self_consistency):

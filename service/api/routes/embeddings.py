@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import numpy as np
@@ -21,22 +22,29 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     lm = await resolve_model(request, body.model, (Task.EMBEDDING,), st.settings.default_embedding_model)
     emb = lm.embedder
     raw = body.input
-    if isinstance(raw, str):
-        texts = [raw]
-    elif all(isinstance(x, int) for x in raw):
-        texts = [emb.tokenizer.decode(raw, skip_special_tokens=True)]
-    else:
-        texts = [x if isinstance(x, str) else emb.tokenizer.decode(x, skip_special_tokens=True) for x in raw]
+    items = [raw] if isinstance(raw, str) or all(isinstance(x, int) for x in raw) else list(raw)
+    limit = st.settings.max_embedding_inputs
+    if len(items) > limit:
+        raise APIError(400, f"{len(items)} inputs; at most {limit} per request (max_embedding_inputs)",
+                       param="input", code="too_many_inputs")
+    vocab = len(emb.tokenizer)
+    for x in items:  # token ids outside the vocabulary would make the tokenizer raise (a 500)
+        if isinstance(x, list) and any(not 0 <= t < vocab for t in x):
+            raise APIError(400, f"input token ids must be in [0, {vocab})", param="input")
+    texts = [x if isinstance(x, str) else emb.tokenizer.decode(x, skip_special_tokens=True) for x in items]
     if any(not t for t in texts):
         raise APIError(400, "input strings must be non-empty", param="input")
     if body.dimensions is not None and body.dimensions > emb.dim:
         raise APIError(400, f"dimensions must be at most {emb.dim} for {lm.id}", param="dimensions")
+    num_tokens = sum(await asyncio.to_thread(emb.count_tokens, texts))  # what encode will compute
+    if num_tokens > st.settings.max_embedding_tokens:
+        raise APIError(400, f"{num_tokens} input tokens; at most {st.settings.max_embedding_tokens} per request "
+                       "(max_embedding_tokens)", param="input", code="too_many_tokens")
     vectors = await emb.encode(texts)  # [n, dim], normalized
     if body.dimensions is not None and body.dimensions < emb.dim:
         vectors = vectors[:, : body.dimensions]
         vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
     st.metrics.embedding_inputs.labels(lm.id).inc(len(texts))
-    num_tokens = sum(emb.count_tokens(texts))
     data = []
     for i, vec in enumerate(vectors.numpy().astype(np.float32)):
         value = base64.b64encode(vec.tobytes()).decode() if body.encoding_format == "base64" else vec.tolist()

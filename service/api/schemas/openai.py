@@ -7,6 +7,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# Bounds of the engine's integer types: anything past them is a 400 naming the field, never an
+# overflow inside a batched engine step (which would fail every request in the batch).
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_TOKEN_IDS = 256
+MAX_STOP_SEQUENCES = 16
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
@@ -44,17 +52,18 @@ class StreamOptions(_Lenient):
 
 class _SamplingFields(_Lenient):
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,8 +76,8 @@ class _SamplingFields(_Lenient):
         if v is None:
             return None
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops
@@ -76,7 +85,7 @@ class _SamplingFields(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     # Extensions owned by other stages (reasoning, RAG) are accepted here and validated there.
@@ -95,6 +104,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 only with echo (the route checks): the prompt and its logprobs, nothing generated (lm-eval).
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -111,7 +122,7 @@ class EmbeddingRequest(_Lenient):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int, Field(ge=1)] | None = None
+    dimensions: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     user: str | None = None
 
     @field_validator("input")
@@ -119,6 +130,4 @@ class EmbeddingRequest(_Lenient):
     def _input(cls, v):
         if isinstance(v, list) and len(v) == 0:
             raise ValueError("input must not be empty")
-        if isinstance(v, list) and len(v) > 2048:
-            raise ValueError("at most 2048 inputs per request")
-        return v
+        return v  # count and token ids are checked by the route (settings, the model's vocabulary)
