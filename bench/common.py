@@ -23,16 +23,19 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m service serve` on a free loopback port with extra FRONTIER_* settings."""
+    """`python -m service serve` on a free loopback port with extra FRONTIER_* settings; or, with
+    cmd, any OpenAI-compatible server whose command line takes the port ({port} in cmd)."""
 
-    def __init__(self, env: dict[str, str] | None = None, log_name: str = "server"):
+    def __init__(self, env: dict[str, str] | None = None, log_name: str = "server", cmd: list[str] | None = None,
+                 ready_path: str = "/ready"):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ready_path = ready_path
         RESULTS.mkdir(parents=True, exist_ok=True)
         self.log = open(RESULTS / f".{log_name}.log", "w")
         full_env = {**os.environ, **(env or {}), "FRONTIER_PORT": str(self.port), "FRONTIER_HOST": "127.0.0.1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=full_env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        cmd = [c.format(port=self.port) for c in cmd] if cmd else [sys.executable, "-m", "service", "serve"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> "Server":
         deadline = time.monotonic() + 300
@@ -40,7 +43,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early; see {self.log.name}")
             try:
-                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base_url}{self.ready_path}", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -56,9 +59,25 @@ class Server:
         self.log.close()
 
 
+def machine() -> dict:
+    """CPU model, flags that decide kernels (avx2, avx512*, vnni, amx), cores, torch, ISA env."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from service.modeling.cpu_info import cpu_summary
+
+    return cpu_summary()
+
+
+def machine_line() -> str:
+    m = machine()
+    env = ", ".join(f"{k}={v}" for k, v in m["isa_env"].items()) or "none"
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags']) or '-'}, torch {m['torch']} "
+            f"(ATen {m['aten_capability']}), ISA env: {env}, int8 kernel saturates: {m['int8_kernel_saturates']}.")
+
+
 def write_markdown(name: str, title: str, header: list[str], rows: list[list], notes: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"# {title}", "", machine_line(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     if notes:
         lines += ["", notes]
@@ -68,4 +87,4 @@ def write_markdown(name: str, title: str, header: list[str], rows: list[list], n
 
 
 def print_json(record: dict) -> None:
-    print(json.dumps(record, sort_keys=True))
+    print(json.dumps({**record, "machine": machine()}, sort_keys=True))

@@ -14,11 +14,14 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import machine, machine_line  # noqa: E402
 from service.engine.fresh_thread import run_in_fresh_thread
 from service.engine.native import load_native_engine
 from service.engine.types import GenerationRequest, SamplingParams
@@ -77,6 +80,7 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--hf-batches", default="1,8")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--int8-scheme", default="auto", help="auto | a8w8 | a7w8r (service/modeling/int8_linear.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_step.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,7 +89,9 @@ def main() -> None:
     # Loaded in a thread that ends, as the server does: a live second OpenMP pool (the main
     # thread's) would slow the engine worker's kernels (bench/omp_pools.py).
     engine = asyncio.run(run_in_fresh_thread(
-        load_native_engine, args.model_dir, "cpu", torch.float32, 2048, 256, 512 << 20, args.quant))
+        load_native_engine, args.model_dir, "cpu", torch.float32, 2048, 256, 512 << 20, args.quant,
+        args.int8_scheme))
+    kernels = engine.kernels
     vocab = engine.model.config.vocab_size
     batches = [int(b) for b in args.batches.split(",") if b]
     results = []
@@ -111,7 +117,7 @@ def main() -> None:
             r["vs_hf"] = round(r["tok_s"] / hf_by_batch[r["batch"]], 2)
     line = {"bench": "engine_step", "model": Path(args.model_dir).name, "quant": args.quant or "fp32",
             "threads": args.threads, "max_tokens": args.max_tokens, "hf_tokens": args.hf_tokens,
-            "native": results, "hf": hf_results}
+            "native": results, "hf": hf_results, "machine": machine(), "kernels": kernels}
     print(json.dumps(line))
 
     rows = ["| engine | quant | batch | tokens | seconds | tok/s | ms/step | vs HF |", "|---|---|---|---|---|---|---|---|"]
@@ -122,7 +128,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# engine_step: {Path(args.model_dir).name}, {args.threads} threads, "
-              f"{PROMPT_LEN}-token prompts, native {args.max_tokens} / HF {args.hf_tokens} new tokens\n\n")
+              f"{PROMPT_LEN}-token prompts, native {args.max_tokens} / HF {args.hf_tokens} new tokens\n\n"
+              f"{machine_line()} Native kernels: {kernels}.\n\n")
     out.write_text(header + "\n".join(rows) + "\n")
 
 

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from service.modeling.calibration import calibration_batches  # noqa: E402
+from service.modeling.int8_linear import Int8Scheme, kernel_saturates  # noqa: E402
 from service.modeling.quant import (Int8Linear, collect_act_amax, llama_smooth_groups,  # noqa: E402
                                     quantize_model, smooth_model, swap_linears)
 
 DATA, RESULTS = ROOT / "bench" / "data", ROOT / "bench" / "results"
 DECODE_CONFIGS = ("fp32", "int8 per-tensor (naive)", "int8 per-channel + per-token",
-                  "int8 per-token + lm_head int8", "serving int8 (packaged calibration + int8 lm_head)",
-                  "int8 per-token + smooth a=0.65")
+                  "int8 per-token + lm_head int8", "int8 per-token + smooth a=0.65",
+                  *(f"serving int8 {s.value} (packaged calibration + int8 lm_head)" for s in Int8Scheme))
 
 
 def load_ids(tok, path: Path, n_docs: int, n_tokens: int) -> torch.Tensor:
@@ -70,7 +71,37 @@ def int8(model, lm_head=False, **kw):
     return model
 
 
-def build_configs(stats, head_stats, tok):
+class NativeLogits(torch.nn.Module):
+    """The native model (the engine's own load path) behind HF's `model(ids).logits` interface."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):  # ids: [B, T]
+        from types import SimpleNamespace
+        return SimpleNamespace(logits=torch.stack([self.m.compute_logits(self.m(row)) for row in ids]))
+
+
+def native_serving(model_dir: str, tok, kernels: str, scheme: str = "auto"):
+    """What the native engine loads for quantization int8: cpu_kernels.prepare_for_cpu."""
+    from service.modeling.cpu_kernels import prepare_for_cpu
+    from service.modeling.loader import load_model
+
+    def make(_hf_model):
+        m = load_model(model_dir, max_positions=2048)
+        chosen = prepare_for_cpu(m, tok, 2048, scheme, kernels)
+        print(f"native kernels: {chosen['linears']} ({chosen['int8_scheme']})", file=sys.stderr)
+        return NativeLogits(m)
+    return make
+
+
+def build_configs(stats, head_stats, tok, model_dir):
+    schemes = [s for s in Int8Scheme if not (s.needs_exact_kernel and kernel_saturates())]
+
+    def serving(scheme):
+        return lambda m: quantize_model(m, "int8", calibration_batches(tok), lm_head=True, scheme=scheme)
+
     def smoothed(alpha, **kw):
         def f(m):
             smooth_model(m, None, alpha, act_amax=stats)
@@ -94,10 +125,13 @@ def build_configs(stats, head_stats, tok):
         "int8 per-token + smooth a=0.8": smoothed(0.8),
         "int8 smooth a=0.65 + lm_head int8": smoothed(0.65, lm_head=True),
         "int8 smooth a=0.65 + smoothed int8 lm_head": smoothed_head(0.65),
-        # what the native engine does at load: calibrated on the text shipped in the package
-        "serving int8 (packaged calibration + int8 lm_head)":
-            lambda m: quantize_model(m, "int8", calibration_batches(tok), lm_head=True),
-        "int8 smooth a=0.65, reduce_range": smoothed(0.65, reduce_range=True),
+        # what the native engine does at load: calibrated on the text shipped in the package,
+        # in each int8 scheme the engine can select (int8_linear.py); a8w8 only where exact
+        **{f"serving int8 {s.value} (packaged calibration + int8 lm_head)": serving(s) for s in schemes},
+        "int8 smooth a=0.65, a7w8": smoothed(0.65, scheme="a7w8"),
+        # the native engine's load path: fp16 weights everywhere, and the per-shape choice by measurement
+        "native serving: all fp16 weights": native_serving(model_dir, tok, "fp16"),
+        "native serving: kernels chosen by measurement (auto)": native_serving(model_dir, tok, "auto"),
         "bf16": lambda m: m.to(torch.bfloat16),
     }
 
@@ -159,7 +193,7 @@ def main():
         untied = copy.deepcopy(base)  # the lm_head group unties the head from the embedding
         head_stats = collect_act_amax(untied, llama_smooth_groups(untied, lm_head=True)[-1:], calib.split(4))
         del untied
-    configs = build_configs(stats, head_stats, tok)
+    configs = build_configs(stats, head_stats, tok, args.model_dir)
     if args.configs:
         configs = {k: v for k, v in configs.items() if k in args.configs.split(",")}
     rows, timing, T = {}, {}, args.decode_tokens
@@ -182,7 +216,9 @@ def write_report(rows, timing, args):
     fp = rows.get("fp32", {})
     pct = lambda v, ref: f"{100 * (v / ref - 1):+.1f}%" if v and ref else "-"
     T = args.decode_tokens
-    lines = [f"# SmolLM2-135M-Instruct perplexity: fp32 vs int8 vs bf16", "",
+    from bench.common import machine, machine_line
+
+    lines = [f"# SmolLM2-135M-Instruct perplexity: fp32 vs int8 vs bf16", "", machine_line(), "",
              f"{args.num_docs} held-out docs x {args.tokens} tokens (bench/data/eval.jsonl), "
              f"calibration on {args.calib_docs} other docs (calib.jsonl); lm_head stays fp32 in "
              f"every int8 row unless the row says otherwise. Decode = token by token with a KV cache over the first {T} tokens, "
@@ -205,7 +241,7 @@ def write_report(rows, timing, args):
                              f"{timing[f'{kind}_b{b}_int8_ms']} | {timing[f'{kind}_b{b}_speedup']}x |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "perplexity.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps({"bench": "perplexity", "model": Path(args.model_dir).name,
+    print(json.dumps({"bench": "perplexity", "model": Path(args.model_dir).name, "machine": machine(),
                       "num_docs": args.num_docs, "tokens": args.tokens, "results": rows,
                       "timing": timing}))
 

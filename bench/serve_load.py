@@ -43,6 +43,7 @@ REQUEST_SAMPLING: dict = {"temperature": 0}
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "ignore_eos": True, "stream": True, **REQUEST_SAMPLING,
+            "logit_bias": {"2": -100},  # <|im_end|>: peers without ignore_eos still run to max_tokens
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     stamps, tokens = [], 0
@@ -89,8 +90,9 @@ async def level(base_url: str, concurrency: int, num_requests: int, max_tokens: 
     }
 
 
-def run_engine(name: str, env: dict, levels: list[int], max_tokens: int, waves: int) -> list[dict]:
-    with Server(env, log_name=f"serve_load_{name}") as srv:
+def run_engine(name: str, env: dict, levels: list[int], max_tokens: int, waves: int,
+               cmd: list[str] | None = None) -> list[dict]:
+    with Server(env, log_name=f"serve_load_{name}", cmd=cmd, ready_path="/v1/models" if cmd else "/ready") as srv:
         asyncio.run(level(srv.base_url, 2, 2, 8))  # warm-up, discarded
         points = []
         for c in levels:
@@ -123,7 +125,9 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--waves", type=int, default=1, help="requests per level = concurrency x waves")
-    ap.add_argument("--engines", default="native-int8,native-fp32,hf")
+    ap.add_argument("--engines", default="native-int8,native-fp32,hf",
+                    help="any of native-int8, native-fp32, hf, llamacpp (llama.cpp's server on the Q4_1 GGUF)")
+    ap.add_argument("--threads", type=int, default=2, help="threads of the llama.cpp peer")
     ap.add_argument("--sampled", action="store_true",
                     help="no temperature in the requests: the manifest's sampling defaults apply "
                          "(SmolLM2: temperature 0.2, top_p 0.9); results go to serve_load_sampled.*")
@@ -138,17 +142,27 @@ def main() -> None:
                "hf": {"FRONTIER_ENGINE": "hf", "FRONTIER_QUANTIZATION": "none"}}
     points = []
     for name in args.engines.split(","):
+        if name == "llamacpp":  # the peer: same prompts, same client, same run
+            from bench.llamacpp_peer import peer_command
+
+            points += run_engine(name, {}, levels, args.max_tokens, args.waves, cmd=peer_command(args.threads))
+            continue
         points += run_engine(name, {**configs[name], "FRONTIER_MODELS": '["smollm2-135m-instruct"]'},
                              levels, args.max_tokens, args.waves)
-    hf = {p["concurrency"]: p["output_tok_s"] for p in points if p["engine"] == "hf"}
+    def baseline(engine):
+        return {p["concurrency"]: p["output_tok_s"] for p in points if p["engine"] == engine}
+
+    hf, peer = baseline("hf"), baseline("llamacpp")
     rows = []
     for p in points:
-        ratio = f"{p['output_tok_s'] / hf[p['concurrency']]:.1f}x" if p["concurrency"] in hf else "-"
-        rows.append([p["engine"], p["concurrency"], p["requests"], p["errors"], f"{p['output_tok_s']:.1f}",
-                     ratio, f"{p['ttft_p50_ms']:.0f}", f"{p['ttft_p95_ms']:.0f}", f"{p['itl_p50_ms']:.0f}",
+        c = p["concurrency"]
+        ratio = f"{p['output_tok_s'] / hf[c]:.1f}x" if c in hf else "-"
+        vs_peer = f"{p['output_tok_s'] / peer[c]:.2f}x" if c in peer else "-"
+        rows.append([p["engine"], c, p["requests"], p["errors"], f"{p['output_tok_s']:.1f}",
+                     ratio, vs_peer, f"{p['ttft_p50_ms']:.0f}", f"{p['ttft_p95_ms']:.0f}", f"{p['itl_p50_ms']:.0f}",
                      f"{p['itl_p95_ms']:.0f}", f"{p['e2e_p50_s']:.2f}", f"{p['e2e_p95_s']:.2f}"])
     write_markdown(out_name, f"Streaming load: {args.max_tokens} output tokens per request (ignore_eos)",
-                   ["engine", "streams", "requests", "errors", "output tok/s", "vs hf", "TTFT p50 ms",
+                   ["engine", "streams", "requests", "errors", "output tok/s", "vs hf", "vs llama.cpp", "TTFT p50 ms",
                     "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "e2e p50 s", "e2e p95 s"], rows,
                    f"One server per engine, same prompts, {'model default sampling' if args.sampled else 'temperature 0'}; "
                    "2 shared CPU cores, so read the ratios.")

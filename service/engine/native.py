@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from service.engine.kv_cache import BlockManager, kv_bytes_per_block
-from service.engine.output_processor import SequenceOutput
+from service.engine.output_processor import SequenceOutput, token_logprobs
 from service.engine.runner import ModelRunner
 from service.engine.sampler import SamplingRow, make_generator, sample
 from service.engine.scheduler import Scheduler, SchedulerConfig, Sequence
@@ -36,6 +36,7 @@ class _SeqState:
     row: SamplingRow
     controller: object | None
     forced: collections.deque = field(default_factory=collections.deque)
+    prompt_lps: list | None = None  # prompt logprobs being gathered (sequence 0 of the request only)
 
 
 class NativeEngine(ThreadedEngine):
@@ -66,10 +67,11 @@ class NativeEngine(ThreadedEngine):
         self._num_requests = 0  # requests added and not finished (worker thread only)
         self._stats: dict[str, float] = {}
         self.num_steps = 0
+        self.kernels: dict = {}  # what the loader chose (quantization scheme...), for the model card
         self._update_stats(0.0, 0, 0)
 
     # ---- admission (event loop thread) ----
-    def _validate(self, req: GenerationRequest) -> None:
+    def _validate(self, req: GenerationRequest, num_ahead: int = 0) -> None:
         n = len(req.prompt_token_ids)
         if n == 0:
             raise RequestTooLarge("The prompt is empty; at least one token is required.")
@@ -81,9 +83,11 @@ class NativeEngine(ThreadedEngine):
         vocab = self.model.config.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {vocab}).")
-        pending = self.scheduler.num_waiting + self._inbox.qsize()
-        if pending >= self.max_waiting:
-            raise EngineOverloaded(f"{pending} requests are waiting (limit {self.max_waiting}); try again shortly")
+        # Sequences, not requests: one request of many prompts x n must not fill the queue for
+        # everyone. An empty queue always takes one request (it would otherwise never fit).
+        pending = self.scheduler.num_waiting + self._num_queued_seqs() + num_ahead
+        if pending and pending + req.sampling.n > self.max_waiting:
+            raise EngineOverloaded(f"{pending} sequences are waiting (limit {self.max_waiting}); try again shortly")
 
     # ---- worker thread hooks ----
     def _add(self, req: GenerationRequest) -> None:
@@ -94,6 +98,13 @@ class NativeEngine(ThreadedEngine):
             row = SamplingRow(p, make_generator(p.seed, i, self.device), out.token_ids, prompt, [])
             controller = req.controller_factory() if req.controller_factory else None
             seqs.append(Sequence(req.request_id, i, list(prompt), len(prompt), payload=_SeqState(out, row, controller)))
+        if p.prompt_logprobs is not None:  # sequence 0 computes them (no cache reads); the others get a copy
+            seqs[0].payload.prompt_lps = [None] * len(prompt)
+            if len(prompt) > 1:
+                seqs[0].prompt_logprobs = p.prompt_logprobs
+            else:
+                for s in seqs:
+                    s.payload.out.set_prompt_logprobs(seqs[0].payload.prompt_lps)
         self.scheduler.add(seqs)
         self._num_requests += 1
 
@@ -121,40 +132,120 @@ class NativeEngine(ThreadedEngine):
             return []
         samplers, logits = self.runner.run(batch)  # run
         self.scheduler.on_step_done(batch)
-        outputs = self._sample_and_process(samplers, logits) if samplers else []
+        if self.runner.prompt_logits:
+            self._record_prompt_logprobs()
+        outputs = []
+        if samplers:
+            samplers, logits, outputs = self._finish_prompt_only(samplers, logits)
+        if samplers:
+            outputs += self._sample_and_process(samplers, logits)
         self.num_steps += 1
         self._update_stats(time.perf_counter() - t0, len(batch), sum(it.num_tokens for it in batch))
         return outputs
 
-    def _sample_and_process(self, samplers, logits: torch.Tensor) -> list[RequestOutput]:
-        states: list[_SeqState] = [it.seq.payload for it in samplers]
-        for st in states:  # controllers may ban tokens for this sample (e.g. end-of-thinking too early)
-            st.row.banned_token_ids = st.controller.banned_tokens(st.out.num_generated) if st.controller else []
-        token_ids, logprobs = sample(logits, [st.row for st in states])  # sample
-        outputs: list[RequestOutput] = []
-        for i, (it, st, tok) in enumerate(zip(samplers, states, token_ids.tolist())):  # postprocess
-            lp = logprobs[i] if logprobs else None
-            if st.forced:
-                tok = st.forced.popleft()
-            elif st.controller is not None and hasattr(st.controller, "rewrite"):  # e.g. "Wait," instead of ending a thought too early
-                replacement = st.controller.rewrite(tok, st.out.num_generated)
-                tok = replacement[0]
-                st.forced.extend(replacement[1:])
-            if lp is not None and lp.token_id != tok:
-                lp = TokenLogprob(tok, float(torch.log_softmax(logits[i].float(), -1)[tok]), lp.top)
+    def _record_prompt_logprobs(self) -> None:
+        """This step's prompt-position logits into logprobs; a finished prompt's list goes to every
+        sequence of its request (each sends it on its first delta)."""
+        for it, logits in self.runner.prompt_logits:  # logits: [m, V], row j = position it.start + j
+            seq, st = it.seq, it.seq.payload
+            first, end = it.start + 1, it.start + 1 + logits.shape[0]  # prompt tokens these rows predict
+            targets = torch.tensor(seq.token_ids[first:end], device=logits.device)
+            st.prompt_lps[first:end] = token_logprobs(logits, targets, seq.prompt_logprobs)
+            if end >= seq.num_prompt_tokens:
+                seq.prompt_logprobs = None  # done: a recompute after preemption may read the cache again
+                for s in (seq, *seq.siblings):
+                    s.payload.out.set_prompt_logprobs(st.prompt_lps)
+        self.runner.prompt_logits = []
+
+    def _finish_prompt_only(self, samplers, logits: torch.Tensor):
+        """max_tokens 0 (echo the prompt and its logprobs): such a sequence ends at its prefill,
+        unsampled. Returns the other rows and their logits, and the final outputs."""
+        keep = [i for i, it in enumerate(samplers) if it.seq.payload.out.params.max_tokens > 0]
+        if len(keep) == len(samplers):
+            return samplers, logits, []
+        outputs = []
+        for it in samplers:
             seq = it.seq
-            seq.token_ids.append(tok)
-            delta = st.out.append(tok, lp)
-            if st.controller is not None and not st.out.finished:
-                st.forced.extend(st.controller.on_token(tok, st.out.num_generated))
-            if delta is not None:
+            if seq.payload.out.params.max_tokens == 0:
+                delta = seq.payload.out.finish_prompt_only()
                 delta.num_cached_tokens = seq.num_cached_tokens
                 outputs.append(delta)
-            if st.out.finished:
                 self.scheduler.finish(seq)
                 if all(s.payload.out.finished for s in seq.siblings):
                     self._num_requests -= 1
+        return [samplers[i] for i in keep], logits[keep], outputs
+
+    def _sample_and_process(self, samplers, logits: torch.Tensor) -> list[RequestOutput]:
+        # A row that raises (its sampling, its controller) fails its own request; the batch goes on.
+        failed: dict[str, str] = {}  # request id -> error
+        for it in samplers:  # controllers may ban tokens for this sample (e.g. end-of-thinking too early)
+            st = it.seq.payload
+            try:
+                st.row.banned_token_ids = st.controller.banned_tokens(st.out.num_generated) if st.controller else []
+            except Exception as exc:
+                failed.setdefault(it.seq.request_id, str(exc))
+        live = [i for i, it in enumerate(samplers) if it.seq.request_id not in failed]
+        outputs: list[RequestOutput] = []
+        for i, (tok, lp) in self._sample(logits, samplers, live, failed).items():  # sample
+            if samplers[i].seq.request_id in failed:  # a sibling failed earlier in this step
+                continue
+            try:
+                delta = self._accept(samplers[i].seq, tok, lp, logits[i])  # postprocess
+            except Exception as exc:
+                failed.setdefault(samplers[i].seq.request_id, str(exc))
+                continue
+            if delta is not None:
+                outputs.append(delta)
+        for rid, message in failed.items():
+            log.error("request %s failed in a step: %s", rid, message)
+            outputs.extend(self._fail_request(rid, message))
         return outputs
+
+    def _sample(self, logits, samplers, live: list[int], failed: dict[str, str]) -> dict[int, tuple]:
+        """{row: (token id, logprob or None)} for the live rows. If the batched draw raises, each row
+        draws alone, so that only the rows that raise fail. (A seeded neighbour may then draw from
+        a generator the failed batch already advanced: a rare path, traded for isolation.)"""
+        if not live:
+            return {}
+        rows = [samplers[i].seq.payload.row for i in live]
+        try:
+            tokens, lps = sample(logits if len(live) == len(samplers) else logits[live], rows)
+            return {i: (tok, lps[k] if lps else None) for k, (i, tok) in enumerate(zip(live, tokens.tolist()))}
+        except Exception:
+            log.warning("batched sampling failed; sampling the %d rows one by one", len(live), exc_info=True)
+        picks = {}
+        for i, row in zip(live, rows):
+            try:
+                tokens, lps = sample(logits[i : i + 1], [row])
+                picks[i] = (int(tokens[0]), lps[0] if lps else None)
+            except Exception as exc:
+                failed.setdefault(samplers[i].seq.request_id, str(exc))
+        return picks
+
+    def _accept(self, seq: Sequence, tok: int, lp: TokenLogprob | None, logits: torch.Tensor) -> RequestOutput | None:
+        """One sampled token through forcing, controllers, stop checks. logits: [V] of this row."""
+        st: _SeqState = seq.payload
+        if st.forced:
+            tok = st.forced.popleft()
+        elif st.controller is not None and hasattr(st.controller, "rewrite"):  # e.g. "Wait," instead of ending a thought too early
+            replacement = st.controller.rewrite(tok, st.out.num_generated)
+            tok = replacement[0]
+            st.forced.extend(replacement[1:])
+        if not 0 <= tok < logits.shape[0]:  # a forced id past the vocabulary would fail the next forward for all
+            raise ValueError(f"token id {tok} is outside the vocabulary [0, {logits.shape[0]})")
+        if lp is not None and lp.token_id != tok:
+            lp = TokenLogprob(tok, float(torch.log_softmax(logits.float(), -1)[tok]), lp.top)
+        seq.token_ids.append(tok)
+        delta = st.out.append(tok, lp)
+        if st.controller is not None and not st.out.finished:
+            st.forced.extend(st.controller.on_token(tok, st.out.num_generated))
+        if delta is not None:
+            delta.num_cached_tokens = seq.num_cached_tokens
+        if st.out.finished:
+            self.scheduler.finish(seq)
+            if all(s.payload.out.finished for s in seq.siblings):
+                self._num_requests -= 1
+        return delta
 
     # ---- stats (read from any thread: the worker swaps in a fresh dict) ----
     def _update_stats(self, step_s: float, batch_size: int, num_tokens: int) -> None:
@@ -192,28 +283,26 @@ def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
     return ids
 
 
-def _quantize(model, mode: str, tokenizer):
-    """int8: smooth on the packaged calibration text, then int8 every linear including lm_head
-    (+1.6% perplexity vs fp32 on held-out text; without smoothing the int8 lm_head alone would
-    cost +3.5%: bench/results/perplexity.md)."""
-    from service.modeling.calibration import calibration_batches
+def _quantize(model, mode: str, tokenizer, limit: int, int8_scheme: str, cpu_kernels: str,
+              kernel_cache: Path | None) -> dict:
     from service.modeling.quant import QuantMode, quantize_model
 
-    if QuantMode(mode) is not QuantMode.INT8:
-        return quantize_model(model, mode)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model = quantize_model(model, mode, calibration_batches(tokenizer), lm_head=True,
-                               forward_fn=lambda ids: model.compute_logits(model(ids)))
-    log.info("int8: smoothed and quantized in %.1fs", time.perf_counter() - t0)
-    return model
+    if QuantMode(mode) is not QuantMode.INT8 or next(model.parameters()).device.type != "cpu":
+        quantize_model(model, mode)
+        return {"quantization": QuantMode(mode).value}
+    from service.modeling.cpu_kernels import prepare_for_cpu
+
+    return prepare_for_cpu(model, tokenizer, limit, int8_scheme, cpu_kernels, kernel_cache)
 
 
 def load_native_engine(model_dir, device: torch.device | str, dtype: torch.dtype, max_model_len: int | None,
                        max_waiting: int, kv_cache_bytes: int | None = None, quantization: str | None = None,
+                       int8_scheme: str = "auto", cpu_kernels: str = "auto", kernel_cache: Path | None = None,
                        **engine_kwargs) -> NativeEngine:
     """Load a Llama-family model (safetensors dir or GGUF) into a NativeEngine.
 
+    quantization "int8" on CPU: each linear shape gets the faster of int8 and fp16-weight kernels,
+    measured at load (or forced by cpu_kernels; cached in kernel_cache): service/modeling/cpu_kernels.py.
     Raises `service.modeling.loader.UnsupportedArchitecture` for models the native code cannot run."""
     from transformers import AutoTokenizer
 
@@ -228,7 +317,10 @@ def load_native_engine(model_dir, device: torch.device | str, dtype: torch.dtype
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_model(path, device, dtype, max_positions=limit)
-    if quantization:
-        model = _quantize(model, quantization, tokenizer)
+    kernels = {"quantization": "none", "dtype": str(dtype).removeprefix("torch.")}
+    if quantization and quantization != "none":
+        kernels.update(_quantize(model, quantization, tokenizer, limit, int8_scheme, cpu_kernels, kernel_cache))
     eos = _eos_ids(path if gguf is None else gguf.parent, tokenizer)
-    return NativeEngine(model, tokenizer, eos, limit, max_waiting, kv_cache_bytes, **engine_kwargs)
+    engine = NativeEngine(model, tokenizer, eos, limit, max_waiting, kv_cache_bytes, **engine_kwargs)
+    engine.kernels = kernels
+    return engine

@@ -156,7 +156,9 @@ class ModelPool:
 
                 try:
                     engine = load_native_engine(path, self.device, self.dtype, max_len, s.max_waiting_requests,
-                                                s.kv_cache_memory_bytes, self._quantization(m))
+                                                s.kv_cache_memory_bytes, self._quantization(m),
+                                                int8_scheme=s.int8_scheme, cpu_kernels=s.cpu_kernels,
+                                                kernel_cache=s.models_dir / "kernels.json")
                     _add_eos(engine, extra_eos)
                     return engine, "native"
                 except UnsupportedArchitecture as exc:

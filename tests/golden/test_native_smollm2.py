@@ -7,6 +7,8 @@ converted HF-format directory). The GGUF round trip on a tiny model runs always.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 
 from service.engine.native import load_native_engine
 from service.engine.types import GenerationRequest, SamplingParams
+from service.modeling.int8_linear import Int8Scheme
 from service.modeling.loader import load_model
 from tests.golden.test_native_golden import _save_tiny, run
 
@@ -29,6 +32,7 @@ QUESTIONS = [
 RAW = ["The quick brown fox", "def fibonacci(n):\n", "Once upon a time, in a land far away,",
        "1, 2, 3, 5, 8, 13,"]
 MAX_NEW = 24
+SELECTABLE = [Int8Scheme.A8W8, Int8Scheme.A7W8_RESIDUAL]  # the settings' choices besides auto
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,13 @@ def smol(chat_model_dir):
                                        tokenize=False) for q in QUESTIONS] + RAW
     ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
     return Path(model_dir), hf, ids
+
+
+@pytest.fixture(scope="module")
+def fp32_greedy(smol):
+    """transformers' fp32 greedy continuation of every prompt (computed once per module)."""
+    _, hf, ids = smol
+    return [hf_greedy_eos(hf, p) for p in ids]
 
 
 def engine(model_dir, **kw):
@@ -60,12 +71,12 @@ def test_smollm2_logits_match(smol):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_matches_hf_batched(smol):
+def test_smollm2_greedy_matches_hf_batched(smol, fp32_greedy):
     model_dir, hf, ids = smol
     eng = engine(model_dir)
     out = run(eng, [GenerationRequest(p, SamplingParams(max_tokens=MAX_NEW, temperature=0)) for p in ids])
-    for p, o in zip(ids, out):
-        assert o[0] == hf_greedy_eos(hf, p)
+    for o, ref in zip(out, fp32_greedy):
+        assert o[0] == ref
 
 
 def hf_greedy_eos(hf, prompt):
@@ -86,24 +97,83 @@ def test_smollm2_alone_equals_batched_and_seeded(smol):
     assert batched[0] == alone[0] and batched[-1] == alone[1]
 
 
-@pytest.mark.slow
-def test_smollm2_int8_serving_path_tracks_fp32(smol):
-    """The CPU default: smoothing on the packaged calibration text, every linear int8 incl. lm_head.
-    Teacher-forced next-token argmax agrees with fp32 transformers on >= 90% of positions (95.8%
-    measured), and greedy answers stay right."""
-    from service.modeling.quant import Int8Linear
+# Where int8 greedy output first leaves fp32's greedy path, fp32 itself must nearly tie: its logit
+# for the int8 token is at most this far below its own choice (the French question's first token
+# is such a tie: "The" 25.33 vs "L" 25.24). Measured on the 20 prompts, largest margin at the first
+# divergence: a7w8r 0.67, a8w8 1.40; the old 7-bit path without the residual pass (a7w8) 3.92.
+MAX_DIVERGENCE_MARGIN = 1.5
+PATHS = [("int8", "a8w8"), ("int8", "a7w8r"), ("fp16", "auto"), ("auto", "auto")]
 
+
+def divergence_margins(hf, ids, outs, refs) -> list[float]:
+    """Per prompt: fp32's logit gap between its greedy token and the engine's, where they first differ."""
+    margins = []
+    for prompt, out, ref in zip(ids, outs, refs):
+        gen = out[0]
+        i = next((i for i, (a, b) in enumerate(zip(gen, ref)) if a != b), None)
+        if i is None:
+            margins.append(0.0)
+            continue
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + ref[:i]])).logits[0, -1]
+        margins.append((logits[ref[i]] - logits[gen[i]]).item())
+    return margins
+
+
+def check_tracks_fp32(smol, refs, cpu_kernels: str, int8_scheme: str) -> dict:
+    """The CPU serving path (quantization int8: smoothing on the packaged calibration text, every
+    linear including lm_head on an int8 or fp16-weight kernel). Teacher-forced next-token argmax
+    agrees with fp32 transformers on >= 90% of positions, and greedy answers of 20 prompts follow
+    fp32's until a near-tie."""
     model_dir, hf, ids = smol
-    eng = engine(model_dir, quantization="int8")
+    eng = engine(model_dir, quantization="int8", cpu_kernels=cpu_kernels, int8_scheme=int8_scheme)
     m = eng.model
-    assert isinstance(m.lm_head, Int8Linear) and isinstance(m.model.layers[0].mlp.down_proj, Int8Linear)
+    assert not any(type(mod) is torch.nn.Linear for mod in m.modules())  # every linear swapped
     x = torch.tensor(sum(ids[16:] + ids[:6], []))  # the raw texts and six chat prompts, one sequence
     with torch.inference_mode():
         a, b = m.compute_logits(m(x[None])[0]), hf(x[None]).logits[0]
         torch.testing.assert_close(m.model.embed_tokens.weight, hf.model.embed_tokens.weight)
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
-    out = run(eng, [GenerationRequest(ids[0], SamplingParams(max_tokens=MAX_NEW, temperature=0))])
-    assert "Paris" in eng.tokenizer.decode(out[0][0])
+    agreement = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    outs = run(eng, [GenerationRequest(p, SamplingParams(max_tokens=MAX_NEW, temperature=0)) for p in ids])
+    margins = divergence_margins(hf, ids, outs, refs)
+    assert agreement >= 0.9, agreement
+    assert max(margins) <= MAX_DIVERGENCE_MARGIN, (margins, [eng.tokenizer.decode(o[0]) for o in outs])
+    return eng.kernels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu_kernels,int8_scheme", PATHS, ids=["-".join(p) for p in PATHS])
+def test_smollm2_cpu_kernels_track_fp32(smol, fp32_greedy, cpu_kernels, int8_scheme):
+    from service.modeling.int8_linear import Int8Scheme, default_scheme, kernel_saturates
+
+    if int8_scheme != "auto" and Int8Scheme(int8_scheme).needs_exact_kernel and kernel_saturates():
+        with pytest.raises(ValueError, match="saturates"):  # never selected where it is not exact
+            engine(smol[0], quantization="int8", cpu_kernels=cpu_kernels, int8_scheme=int8_scheme)
+        return
+    kernels = check_tracks_fp32(smol, fp32_greedy, cpu_kernels, int8_scheme)
+    expected = default_scheme().value if int8_scheme == "auto" else int8_scheme
+    assert kernels["int8_scheme"] == expected
+    if cpu_kernels != "auto":
+        assert set(kernels["linears"].values()) == {cpu_kernels}
+
+
+@pytest.mark.slow
+def test_smollm2_int8_on_avx2_kernels(smol):
+    """The AVX2-only CPU's kernel paths (no VNNI: fbgemm, ATen and oneDNN restricted to AVX2), run on
+    any x86 CPU in a subprocess, so the suite cannot pass on one CPU family and fail on another:
+    int8 in the scheme auto picks there (a7w8r), and the kernels measured there."""
+    from service.modeling.int8_linear import Int8Scheme, default_scheme, kernel_saturates
+
+    if kernel_saturates():  # this CPU already runs the AVX2 path: the test above covered it
+        assert default_scheme() is Int8Scheme.A7W8_RESIDUAL
+        return
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+           "ONEDNN_MAX_CPU_ISA": "AVX2", "FRONTIER_TEST_MODEL_DIR": str(smol[0])}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{__file__}::test_smollm2_cpu_kernels_track_fp32", "-k", "int8-a7w8r or auto-auto"],
+                         env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -37,6 +37,12 @@ def _model_card(st, model_id: str) -> dict:
         card["max_model_len"] = lm.max_model_len
         if lm.engine_kind:
             card["engine"] = lm.engine_kind
+        kernels = getattr(lm.engine, "kernels", None)
+        if kernels:  # what the loader chose for this CPU, and the CPU it measured
+            from service.modeling.cpu_info import cpu_summary
+
+            card["kernels"] = {**kernels, "device": cpu_summary() if lm.engine.device.type == "cpu" else
+                               str(lm.engine.device)}
     return card
 
 
