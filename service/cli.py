@@ -28,13 +28,16 @@ def serve(
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.drain import DrainingServer
 
     settings = _settings(host=host, port=port, models=models.split(",") if models else None)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if pull_missing:
         _pull_ids(settings, settings.models, progress=True, force=False)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=5)
+    app_ = create_app(settings)
+    config = uvicorn.Config(app_, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)
+    DrainingServer(config, app_.state.frontier.drain).run()  # SIGTERM: drain, then stop; exits 0
 
 
 @app.command()

@@ -7,7 +7,7 @@ measurements (KV blocks that fit, say) are never written back here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -37,12 +37,35 @@ class Settings(BaseSettings):
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     engine: str = "auto"  # auto (native where the architecture is supported) | native | hf
     quantization: str | None = None  # override every manifest's default: none | int8 | bf16
+    # quantization int8 on CPU: each linear shape runs the faster of int8 and fp16 weights, measured at
+    # load and cached per CPU in models_dir/kernels.json; cpu_kernels forces one for every layer.
+    cpu_kernels: Literal["auto", "int8", "fp16"] = "auto"
+    # int8 kernel scheme: auto (a8w8 where the CPU's int8 kernel is exact, i.e. VNNI; else a7w8r)
+    int8_scheme: Literal["auto", "a8w8", "a7w8r"] = "auto"  # service/modeling/int8_linear.py (a7w8: bench only)
     max_model_len: int | None = None  # cap on context length (default: the model's)
-    max_waiting_requests: int = 256
+    max_waiting_requests: int = 256  # sequences (prompts x n) queued per engine before 429s
+    # Bounded work per request (400 naming the limit past them); see service/api/generation.py.
+    max_sequences_per_request: int = 64  # prompts x n of one completions/chat request
+    max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings call
+    max_embedding_tokens: int = 65536  # tokens (after truncation) of one /v1/embeddings call
+    request_timeout_s: float | None = None  # deadline of one generation; None = no deadline
+    # Graceful stop (SIGTERM; service/api/drain.py): new requests get 503 at once; generations in flight
+    # may run this long, then end with an error event (streams) or a 503 (non-streamed).
+    shutdown_drain_s: float = Field(default=20.0, ge=0)
+    # ...then other requests still running (RAG writes, embeddings) get this long before they are cancelled.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
     memory_budget_bytes: int = 8 * 1024**3  # weights of all loaded models together
-    api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
-    max_request_bytes: int = 8 * 1024 * 1024
+    api_key: str | None = None  # one key with every scope: "Authorization: Bearer <key>"
+    max_request_bytes: int = 8 * 1024 * 1024  # any body, chunked or not (413 above)
+    # Edge hardening (service/api/edge.py, auth.py, limits.py)
+    api_keys: dict[str, Any] = {}  # FRONTIER_API_KEYS (JSON): key -> [scopes] or {scopes, *_per_minute}
+    api_keys_file: Path | None = None  # YAML or JSON file, same shape (optionally under a top-level `keys:`)
+    rate_limit_requests_per_minute: int | None = None  # default per key (None: unlimited)
+    rate_limit_tokens_per_minute: int | None = None  # default per key: prompt estimate + max_tokens
+    max_json_depth: int = 64  # deeper JSON bodies are a 400 before anything parses them
+    metrics_enabled: bool = True  # GET /metrics
+    metrics_require_auth: bool = True  # when API keys are configured, /metrics needs the admin scope
     max_tokens_default: int = 512
     num_threads: int | None = None  # torch intra-op threads (default: the cores available)
     # RAG (collections under data_dir/rag): defaults for new collections, limits, index tuning

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
-from starlette.routing import Match
+from fastapi import FastAPI
 
-from service.api.errors import APIError, error_response, install_error_handlers
+from service.api.auth import load_keys
+from service.api.drain import Drain, DrainMiddleware
+from service.api.edge import EdgeMiddleware, RouteTable
+from service.api.errors import install_error_handlers
+from service.api.limits import RateLimiter
 from service.api.routes import chat, completions, embeddings, rag, system
 from service.config import Settings
 from service.metrics import Metrics
@@ -28,6 +30,7 @@ class AppState:
     metrics: Metrics
     load_error: str | None = None
     rag: object | None = None  # service.rag.store.RagStore: collections under settings.data_dir/rag
+    drain: Drain | None = None  # graceful stop: begun by the server on SIGTERM (service/cli.py)
 
 
 async def _load_defaults(st: AppState) -> None:
@@ -42,6 +45,7 @@ async def _load_defaults(st: AppState) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    keys = load_keys(settings)  # a malformed key file stops the start, before any model loads
     if settings.num_threads:
         import torch
 
@@ -49,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     pool = ModelPool(settings, Registry(settings.manifests_dir))
     metrics = Metrics()
     metrics.watch_pool(pool)
-    st = AppState(settings, pool, metrics)
+    st = AppState(settings, pool, metrics, drain=Drain(settings.shutdown_drain_s))
     st.rag = rag.build_store(settings, pool, metrics)
     metrics.watch_rag(st.rag)
 
@@ -59,51 +63,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await st.rag.start()  # verifies each collection's index against SQLite, rebuilds what is broken
         try:
             yield
-        finally:
+        finally:  # after the server stopped serving (and drained, when a signal stopped it)
+            st.drain.begin()  # anything still arriving (an in-process client) is refused, not half-served
             loader.cancel()
-            await st.rag.close()  # saves changed indexes
+            try:
+                await st.rag.close()  # saves changed indexes
+            except Exception:  # SQLite has every acknowledged write; the index rebuilds from it at start
+                log.exception("saving the RAG indexes at shutdown failed")
             await pool.shutdown()
+            log.info("stopped")
 
     app = FastAPI(title="Frontier", version="0.1.0", lifespan=lifespan)
     app.state.frontier = st
     install_error_handlers(app)
-    for r in (system.router, chat.router, completions.router, embeddings.router, rag.router):
+    routers = (system.router, chat.router, completions.router, embeddings.router, rag.router)
+    for r in routers:
         app.include_router(r)
-
-    @app.middleware("http")
-    async def edge(request: Request, call_next):
-        path = request.url.path
-        if settings.api_key and path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
-                return error_response(APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                               type="authentication_error", code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(APIError(413, f"request body over {settings.max_request_bytes} bytes",
-                                           code="request_too_large"))
-        _default_to_json(request)
-        response = await call_next(request)
-        route = _route_template(app, request)
-        if route != "/metrics":
-            model = getattr(request.state, "model", "")
-            metrics.requests.labels(route, model, str(response.status_code)).inc()
-        return response
-
+    # Templates known before routing: auth needs them to pick a scope, metrics to label a rejected request.
+    routes = RouteTable([r for r in app.router.routes if hasattr(r, "path_regex")] +
+                        [r for router in routers for r in router.routes])
+    app.add_middleware(DrainMiddleware, drain=st.drain)  # inside the edge: refusals are counted, auth comes first
+    app.add_middleware(EdgeMiddleware, settings=settings, metrics=metrics, routes=routes, keys=keys,
+                       limiter=RateLimiter())
     return app
-
-
-def _route_template(app: FastAPI, request: Request) -> str:
-    for route in app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return getattr(route, "path", request.url.path)
-    return "unmatched"
-
-
-def _default_to_json(request: Request) -> None:
-    """`curl -d '{...}'` sends form encoding; like Ollama and llama.cpp, read such bodies as JSON.
-    Multipart uploads (RAG files) keep their content type."""
-    ctype = request.headers.get("content-type", "")
-    if request.method in ("POST", "PUT") and (not ctype or ctype.startswith("application/x-www-form-urlencoded")):
-        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-        request.scope["headers"] = headers + [(b"content-type", b"application/json")]

@@ -26,6 +26,7 @@ class _Stream:
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.num_open = num_seqs
+        self.unfinished = set(range(num_seqs))  # sequence indices not yet published as finished (worker side)
 
 
 class ThreadedEngine(abc.ABC):
@@ -56,8 +57,22 @@ class ThreadedEngine(abc.ABC):
     def _step(self) -> list[RequestOutput]:
         """Advance every running request by one token; return their deltas."""
 
-    def _validate(self, req: GenerationRequest) -> None:
-        """Raise RequestTooLarge / EngineOverloaded before a request is queued (event loop thread)."""
+    def _validate(self, req: GenerationRequest, num_ahead: int = 0) -> None:
+        """Raise RequestTooLarge / EngineOverloaded before a request is queued (event loop thread).
+        `num_ahead`: sequences of requests admitted together with this one but not queued yet."""
+
+    def _num_queued_seqs(self) -> int:
+        """Sequences of requests in the inbox, not yet seen by the worker (any thread)."""
+        with self._inbox.mutex:
+            return sum(item.sampling.n for kind, item in self._inbox.queue if kind == "add")
+
+    def check_admission(self, reqs: list[GenerationRequest]) -> None:
+        """Raise what `generate` would raise for these requests together (all or nothing), so that
+        the API answers 400/429 before the first response byte. `generate` checks again."""
+        ahead = 0
+        for req in reqs:
+            self._validate(req, ahead)
+            ahead += req.sampling.n
 
     # ---- public API ----
     async def start(self) -> None:
@@ -66,11 +81,29 @@ class ThreadedEngine(abc.ABC):
             self._thread.start()
 
     async def shutdown(self) -> None:
+        """Stop the worker, then end every request still open with an error output (a consumer never
+        waits forever on a stopped engine). The API ends or answers its requests before this (graceful
+        stop: service/api/drain.py), so normally nothing is left open here."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+        self._end_open_streams(f"{self.name} stopped (server shutting down)")
+        if thread is None or not thread.is_alive():
+            self._stop.clear()  # start() may run the engine again (never beside a worker still in a step)
+
+    def _end_open_streams(self, message: str) -> None:
+        with self._streams_lock:
+            streams = list(self._streams.items())
+            self._streams.clear()  # a worker that outlived the join publishes to no one
+        for request_id, stream in streams:
+            for i in sorted(stream.unfinished):
+                out = RequestOutput(request_id, i, "", [], finished=True, finish_reason=FinishReason.ERROR,
+                                    error=message)
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        if streams:
+            log.warning("%s: ended %d open request(s) at shutdown", self.name, len(streams))
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         self._validate(req)
@@ -107,6 +140,8 @@ class ThreadedEngine(abc.ABC):
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
+                    if out.finished:
+                        stream.unfinished.discard(out.index)
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
     def _drain_inbox(self) -> None:
@@ -116,7 +151,11 @@ class ThreadedEngine(abc.ABC):
             except queue.Empty:
                 return
             if kind == "add":
-                self._add(item)
+                try:
+                    self._add(item)
+                except Exception as exc:  # e.g. a controller factory: fail this request, not the worker
+                    log.exception("%s: could not add request %s", self.name, item.request_id)
+                    self._publish(self._fail_request(item.request_id, str(exc), item.sampling.n))
             else:
                 self._publish(self._drop(item))
 
@@ -138,12 +177,17 @@ class ThreadedEngine(abc.ABC):
                 self._publish(outputs)
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+        """Last resort when a failure cannot be traced to its requests (a model forward)."""
         with self._streams_lock:
             ids = list(self._streams)
-        for rid in ids:
-            dropped = self._drop(rid)
-            for out in dropped:
-                out.finish_reason, out.error, out.finished = FinishReason.ERROR, message, True
-            outputs.extend(dropped)
-        return outputs
+        return [out for rid in ids for out in self._fail_request(rid, message)]
+
+    def _fail_request(self, request_id: str, message: str, num_seqs: int = 0) -> list[RequestOutput]:
+        """Drop one request and end its open sequences with an error. `num_seqs`: the request never
+        reached the engine's state (failed in `_add`): end that many sequences from here."""
+        dropped = self._drop(request_id)
+        if num_seqs and not dropped:
+            dropped = [RequestOutput(request_id, i, "", []) for i in range(num_seqs)]
+        for out in dropped:
+            out.finish_reason, out.error, out.finished = FinishReason.ERROR, message, True
+        return dropped

@@ -13,6 +13,9 @@ class ThinkSplitter:
         self.thinking = thinking
         self._held = ""
         self._answer_started = False
+        # The lead-in (whitespace, and an opening tag a model may write itself; the prompt usually
+        # has it) is dropped however it is split across deltas: "pending" -> "after_tag" -> "done".
+        self._lead = "pending"
         self.reasoning = ""
         self.content = ""
 
@@ -21,11 +24,11 @@ class ThinkSplitter:
         reasoning_delta, content_delta = "", ""
         buf = self._held + text
         self._held = ""
+        if self.thinking and self._lead != "done":
+            buf = self._strip_lead(buf)
+            if not buf:
+                return "", ""
         if self.thinking:
-            if not self.reasoning:
-                buf = buf.lstrip()  # the opening tag and its newline are in the prompt
-                if buf.startswith(self.start):
-                    buf = buf[len(self.start):].lstrip()  # a model that writes the opening tag itself
             idx = buf.find(self.end)
             if idx >= 0:
                 reasoning_delta = buf[:idx]
@@ -43,6 +46,20 @@ class ThinkSplitter:
         self.reasoning += reasoning_delta
         self.content += content_delta
         return reasoning_delta, content_delta
+
+    def _strip_lead(self, buf: str) -> str:
+        buf = buf.lstrip()
+        if self._lead == "pending":
+            if buf.startswith(self.start):
+                buf, self._lead = buf[len(self.start):].lstrip(), "after_tag"
+            elif self.start.startswith(buf):  # could still become the opening tag: wait for more
+                self._held = buf
+                return ""
+            else:
+                self._lead = "done"
+        if buf:
+            self._lead = "done"
+        return buf
 
     def finish(self) -> tuple[str, str]:
         held, self._held = self._held, ""
