@@ -103,6 +103,7 @@ def assert_idle(engine):
     ("/v1/completions", {"n": HUGE}, "n"),
     ("/v1/completions", {"logprobs": HUGE}, "logprobs"),
     ("/v1/completions", {"stop_token_ids": [HUGE]}, "stop_token_ids"),
+    ("/v1/completions", {"stop": ["x" * 257]}, "stop"),
     ("/v1/completions", {"stop_token_ids": [-1]}, "stop_token_ids"),
     ("/v1/completions", {"stop_token_ids": [256]}, "stop_token_ids"),  # past the vocabulary
     ("/v1/completions", {"stop_token_ids": list(range(257))}, "stop_token_ids"),

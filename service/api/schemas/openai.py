@@ -13,6 +13,7 @@ INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_TOKEN_IDS = 256
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
 
 
 class _Lenient(BaseModel):
@@ -80,6 +81,8 @@ class _SamplingFields(_Lenient):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):  # the hold-back check costs ~length^2 per token
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return stops
 
 
