@@ -46,4 +46,5 @@ def peer_command(threads: int, parallel_ctx: int = 16384) -> list[str]:
     """The server command line ({port} filled in by bench.common.Server)."""
     return [str(peer_python()), "-m", "llama_cpp.server", "--model", str(peer_gguf()), "--host", "127.0.0.1",
             "--port", "{port}", "--n_threads", str(threads), "--n_ctx", str(parallel_ctx),
-            "--chat_format", "chatml", "--model_alias", "smollm2-135m-instruct"]
+            "--chat_format", "chatml", "--model_alias", "smollm2-135m-instruct",
+            "--interrupt_requests", "False"]  # by default a new request cancels the running one

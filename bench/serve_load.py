@@ -63,6 +63,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
         return {"error": repr(exc)}
     end = time.perf_counter()
     itl = [b - a for a, b in zip(stamps, stamps[1:])]
+    tokens = tokens or len(stamps)  # a peer without streamed usage: one content chunk per token
     return {"ttft": stamps[0] - t0 if stamps else float("nan"), "itl": itl, "e2e": end - t0, "tokens": tokens}
 
 
@@ -126,18 +127,24 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--waves", type=int, default=1, help="requests per level = concurrency x waves")
     ap.add_argument("--engines", default="native-int8,native-fp32,hf",
-                    help="any of native-int8, native-fp32, hf, llamacpp (llama.cpp's server on the Q4_1 GGUF)")
+                    help="any of native-int8 (kernels chosen by measurement), native-int8-only, native-fp16w, "
+                         "native-fp32, hf, llamacpp (llama.cpp's server on the Q4_1 GGUF)")
     ap.add_argument("--threads", type=int, default=2, help="threads of the llama.cpp peer")
+    ap.add_argument("--out-name", default="", help="results name (default serve_load / serve_load_sampled)")
     ap.add_argument("--sampled", action="store_true",
                     help="no temperature in the requests: the manifest's sampling defaults apply "
                          "(SmolLM2: temperature 0.2, top_p 0.9); results go to serve_load_sampled.*")
     args = ap.parse_args()
     global REQUEST_SAMPLING
-    out_name = "serve_load_sampled" if args.sampled else "serve_load"
+    out_name = args.out_name or ("serve_load_sampled" if args.sampled else "serve_load")
     if args.sampled:
         REQUEST_SAMPLING = {}
     levels = [int(x) for x in args.levels.split(",")]
-    configs = {"native-int8": {"FRONTIER_ENGINE": "native", "FRONTIER_QUANTIZATION": "int8"},
+    configs = {"native-int8": {"FRONTIER_ENGINE": "native", "FRONTIER_QUANTIZATION": "int8"},  # kernels: auto
+               "native-int8-only": {"FRONTIER_ENGINE": "native", "FRONTIER_QUANTIZATION": "int8",
+                                    "FRONTIER_CPU_KERNELS": "int8"},
+               "native-fp16w": {"FRONTIER_ENGINE": "native", "FRONTIER_QUANTIZATION": "int8",
+                                "FRONTIER_CPU_KERNELS": "fp16"},
                "native-fp32": {"FRONTIER_ENGINE": "native", "FRONTIER_QUANTIZATION": "none"},
                "hf": {"FRONTIER_ENGINE": "hf", "FRONTIER_QUANTIZATION": "none"}}
     points = []
@@ -156,8 +163,8 @@ def main() -> None:
     rows = []
     for p in points:
         c = p["concurrency"]
-        ratio = f"{p['output_tok_s'] / hf[c]:.1f}x" if c in hf else "-"
-        vs_peer = f"{p['output_tok_s'] / peer[c]:.2f}x" if c in peer else "-"
+        ratio = f"{p['output_tok_s'] / hf[c]:.1f}x" if hf.get(c) else "-"
+        vs_peer = f"{p['output_tok_s'] / peer[c]:.2f}x" if peer.get(c) else "-"
         rows.append([p["engine"], c, p["requests"], p["errors"], f"{p['output_tok_s']:.1f}",
                      ratio, vs_peer, f"{p['ttft_p50_ms']:.0f}", f"{p['ttft_p95_ms']:.0f}", f"{p['itl_p50_ms']:.0f}",
                      f"{p['itl_p95_ms']:.0f}", f"{p['e2e_p50_s']:.2f}", f"{p['e2e_p95_s']:.2f}"])
