@@ -81,7 +81,7 @@ def time_kernels(linear: nn.Linear, scheme: Int8Scheme, reps: int = 9) -> dict[s
     """Fastest ms per call of each candidate at each batch bucket (other load only adds time);
     calls alternate between candidates. "disturbed" is set when the median of some candidate was
     over twice its fastest call: a busy machine, whose numbers are used now but not cached."""
-    mods = {k: make_kernel(k, linear, scheme) for k in KERNELS if k != "fp16" or fp16_eligible(linear)}
+    mods = {k: make_kernel(k, linear, scheme) for k in KERNELS}  # times do not depend on the values
     out: dict = {k: {} for k in mods}
     disturbed = False
     for b in BATCH_BUCKETS:
@@ -154,7 +154,7 @@ def choose_kernels(model: nn.Module, scheme: Int8Scheme, forced: str = "auto",
         if shape in choices:
             continue
         if forced != "auto":
-            choices[shape] = forced if forced != "fp16" or fp16_eligible(lin) else "int8"
+            choices[shape] = forced
             continue
         hit = cache.get(shape)
         if hit is None or hit.get("scheme") != scheme.value:
@@ -163,12 +163,23 @@ def choose_kernels(model: nn.Module, scheme: Int8Scheme, forced: str = "auto",
             if not hit["ms"].get("disturbed"):  # a noisy measurement is used once, never kept
                 cache.put(shape, hit)
                 dirty = True
-        choices[shape] = hit["choice"] if hit["choice"] != "fp16" or fp16_eligible(lin) else "int8"
+        choices[shape] = hit["choice"]
         log.info("linear %s (%s): %s; ms per call at batch %s: %s", shape, name, choices[shape],
                  "/".join(map(str, BATCH_BUCKETS)), hit["ms"])
     if dirty:
         cache.save()
     return choices
+
+
+def settle_fp16(model: nn.Module, choices: dict[str, str]) -> dict[str, str]:
+    """A shape with any weight past fp16's range runs int8 instead. Checked on the weights as they
+    will be converted, i.e. after smoothing (which scales consumer columns up to 1e4x)."""
+    settled = dict(choices)
+    for lin in model.modules():
+        shape = f"{lin.in_features}x{lin.out_features}" if isinstance(lin, nn.Linear) else None
+        if shape is not None and settled.get(shape) == "fp16" and not fp16_eligible(lin):
+            settled[shape] = "int8"
+    return settled
 
 
 def swap_kernels(model: nn.Module, choices: dict[str, str], scheme: Int8Scheme) -> None:
@@ -198,6 +209,7 @@ def prepare_for_cpu(model: nn.Module, tokenizer, max_positions: int, int8_scheme
             batches = calibration_batches(tokenizer, seq_len=min(512, max_positions))
             smooth_model(model, batches, groups=llama_smooth_groups(model, lm_head=True),
                          forward_fn=lambda ids: model.compute_logits(model(ids)))
+        choices = settle_fp16(model, choices)
         swap_kernels(model, choices, scheme)
     chosen = {"quantization": "int8", "linears": choices, "int8_scheme": scheme.value,
               "int8_kernel_saturates": kernel_saturates(), "selected_by": kernels if kernels != "auto" else

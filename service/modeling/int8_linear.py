@@ -77,11 +77,10 @@ def default_scheme() -> Int8Scheme:
     return Int8Scheme.A7W8_RESIDUAL if kernel_saturates() else Int8Scheme.A8W8
 
 
-def _act_qparams(reduce_range: bool) -> tuple[float, int, int]:
-    # What fbgemm's ChooseQuantizationParams picks for the pinned range [-1, 1].
-    qmax = 127 if reduce_range else 255
-    scale = 2.0 / qmax
-    return scale, int(torch.tensor(qmax / 2).round().item()), qmax
+# What fbgemm's ChooseQuantizationParams picks for 7-bit activations over the pinned range [-1, 1]:
+# scale 2/127, zero point 63.5 rounded half to even.
+A7_QMAX = 127
+A7_SCALE, A7_ZERO_POINT = 2.0 / A7_QMAX, round(A7_QMAX / 2)
 
 
 class Int8Linear(nn.Module):
@@ -147,14 +146,12 @@ class Int8Linear(nn.Module):
         if not self.per_token:
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self._packed, self.reduce_range)
             return y.reshape(*lead, self.out_features).to(dtype)
-        n = x2.shape[0]
         r = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # [n, 1]
         xn = x2 / r  # [n, in] in [-1, 1]
         if self.scheme.residual:
             y = self._residual_gemm(xn)
         else:
             y = torch.ops.quantized.linear_dynamic(self._pinned(xn), self._packed, self.reduce_range)
-        y = y[:n] if y.shape[0] != n else y
         y.mul_(r)  # in place: these small ops cost as much as the GEMM at decode batch sizes
         if self.bias is not None:
             y.add_(self.bias)
@@ -163,9 +160,8 @@ class Int8Linear(nn.Module):
     def _residual_gemm(self, xn: torch.Tensor) -> torch.Tensor:
         # xn: [n, in] -> [n, out]. Rows n..2n-1 carry the rounding error of rows 0..n-1 (as the
         # kernel will round them), each scaled to its own max; one GEMM computes both.
-        scale, zp, qmax = _act_qparams(True)
         n = xn.shape[0]
-        deq = (torch.round(xn / scale) + zp).clamp_(0, qmax).sub_(zp).mul_(scale)
+        deq = (torch.round(xn / A7_SCALE) + A7_ZERO_POINT).clamp_(0, A7_QMAX).sub_(A7_ZERO_POINT).mul_(A7_SCALE)
         err = xn - deq  # [n, in]; |err| <= scale / 2 where the kernel rounds as emulated
         r2 = err.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # [n, 1]
         y = torch.ops.quantized.linear_dynamic(self._pinned(torch.cat([xn, err / r2])),

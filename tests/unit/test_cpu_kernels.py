@@ -43,8 +43,10 @@ def test_fp16_is_not_used_for_weights_beyond_its_range():
     with torch.no_grad():
         lin.weight[0, 0] = 70000.0
     assert not ck.fp16_eligible(lin)
-    model = nn.Sequential(lin)
-    assert ck.choose_kernels(model, Int8Scheme.A7W8_RESIDUAL, forced="fp16") == {"8x4": "int8"}
+    model = nn.Sequential(lin, nn.Linear(4, 8))
+    forced = ck.choose_kernels(model, Int8Scheme.A7W8_RESIDUAL, forced="fp16")
+    assert forced == {"8x4": "fp16", "4x8": "fp16"}
+    assert ck.settle_fp16(model, forced) == {"8x4": "int8", "4x8": "fp16"}
 
 
 def test_choices_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
