@@ -170,9 +170,7 @@ class NativeEngine(ThreadedEngine):
                 delta = seq.payload.out.finish_prompt_only()
                 delta.num_cached_tokens = seq.num_cached_tokens
                 outputs.append(delta)
-                self.scheduler.finish(seq)
-                if all(s.payload.out.finished for s in seq.siblings):
-                    self._num_requests -= 1
+                self._release(seq)
         return [samplers[i] for i in keep], logits[keep], outputs
 
     def _sample_and_process(self, samplers, logits: torch.Tensor) -> list[RequestOutput]:
@@ -242,10 +240,14 @@ class NativeEngine(ThreadedEngine):
         if delta is not None:
             delta.num_cached_tokens = seq.num_cached_tokens
         if st.out.finished:
-            self.scheduler.finish(seq)
-            if all(s.payload.out.finished for s in seq.siblings):
-                self._num_requests -= 1
+            self._release(seq)
         return delta
+
+    def _release(self, seq: Sequence) -> None:
+        """A finished sequence gives back its blocks; the last of its request ends the request."""
+        self.scheduler.finish(seq)
+        if all(s.payload.out.finished for s in seq.siblings):
+            self._num_requests -= 1
 
     # ---- stats (read from any thread: the worker swaps in a fresh dict) ----
     def _update_stats(self, step_s: float, batch_size: int, num_tokens: int) -> None:

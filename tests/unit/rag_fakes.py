@@ -48,6 +48,24 @@ class FakeEmbedder:
         return await asyncio.to_thread(self.encode_sync, texts)
 
 
+class TokenizerEmbedder:
+    """What the embeddings route and the RAG store need of service.pool.embedder.Embedder, over a
+    real (tiny) tokenizer: token counts from it, hashed bag-of-words vectors."""
+
+    def __init__(self, tokenizer, dim: int = 32, max_seq_length: int = 256):
+        self.tokenizer, self.dim, self.max_seq_length = tokenizer, dim, max_seq_length
+
+    def count_tokens(self, texts):
+        return [min(len(self.tokenizer.encode(t)), self.max_seq_length) for t in texts]
+
+    async def encode(self, texts):
+        import torch
+
+        if not texts:
+            return torch.empty(0, self.dim)
+        return torch.from_numpy(np.stack([hash_vector(t, self.dim) for t in texts]))
+
+
 def random_unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)

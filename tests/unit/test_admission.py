@@ -11,16 +11,17 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from service.api.app import create_app
 from service.config import Settings
 from service.pool.manifest import Manifest, Task
 from service.pool.pool import LoadedModel
 from tests.golden.test_native_golden import _save_tiny, make_engine
+from tests.unit.rag_fakes import TokenizerEmbedder
 
 HUGE = 2**70
 PROMPT = "w5 w6 w7 w8"  # the tiny WordLevel tokenizer: word "wI" is token id I (vocabulary 256)
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # chat for a template-less model
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def engine(tiny_dir):
     eng = make_engine(tiny_dir)
-    eng.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    eng.tokenizer.chat_template = PLAIN_TEMPLATE
     return eng
 
 
@@ -252,27 +253,12 @@ def test_request_timeout_stops_the_generation(tmp_path, engine):
 
 
 # ---- 6: embeddings ----
-class FakeEmbedder:
-    """What the route needs of service.pool.embedder.Embedder, over the tiny BPE tokenizer."""
-
-    dim, max_seq_length = 4, 16
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def count_tokens(self, texts):
-        return [min(len(self.tokenizer.encode(t)), self.max_seq_length) for t in texts]
-
-    async def encode(self, texts):
-        return torch.nn.functional.normalize(torch.ones(len(texts), self.dim), dim=1)
-
-
 @pytest.mark.parametrize("inputs, needle", [
     ([-1], "token ids"), ([HUGE], "token ids"), ([[3, 4], [5, HUGE]], "token ids"),
     (["a", "b", "c", "d"], "max_embedding_inputs"), (["Hello world, this is a test."] * 3, "max_embedding_tokens"),
 ])
 def test_embedding_inputs_are_400_naming_the_limit(tmp_path, tiny_tokenizer, inputs, needle):
-    app = build_app(tmp_path, embedder=FakeEmbedder(tiny_tokenizer), max_embedding_inputs=3, max_embedding_tokens=20)
+    app = build_app(tmp_path, embedder=TokenizerEmbedder(tiny_tokenizer, max_seq_length=16), max_embedding_inputs=3, max_embedding_tokens=20)
 
     async def scenario(client):
         bad = await client.post("/v1/embeddings", json={"input": inputs})

@@ -5,7 +5,6 @@ tiny random Llama saved and loaded back (tests/golden/test_native_golden.py buil
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ import torch
 from service.engine.hf_backend import HFEngine
 from service.engine.types import EngineOverloaded, FinishReason, GenerationRequest, SamplingParams
 from tests.golden.test_native_golden import _save_tiny, make_engine
+from tests.unit.test_hf_engine import run
 
-TIMEOUT = 60  # far above the real time: a hang fails instead of blocking the suite
 HUGE = 2**70  # "Overflow when unpacking long long" inside the batched sampler
 
 
@@ -41,17 +40,7 @@ def _good(max_tokens=24):
 
 def _run(engine, reqs):
     """All requests concurrently (in order); per request its outputs."""
-
-    async def one(req):
-        return [out async for out in engine.generate(req)]
-
-    async def main():
-        try:
-            return await asyncio.wait_for(asyncio.gather(*(one(r) for r in reqs)), TIMEOUT)
-        finally:
-            await engine.shutdown()
-
-    return asyncio.run(main())
+    return run(engine, *reqs)
 
 
 def _assert_completed(outs, n_tokens):

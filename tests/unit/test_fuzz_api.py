@@ -21,7 +21,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import schemathesis
 import torch
@@ -34,8 +33,8 @@ from schemathesis import GenerationMode
 from service.api.app import create_app
 from service.config import Settings
 from service.engine.native import load_native_engine
-from tests.unit.rag_fakes import hash_vector
-from tests.unit.test_admission import build_app
+from tests.unit.rag_fakes import TokenizerEmbedder
+from tests.unit.test_admission import PLAIN_TEMPLATE, build_app, tiny_dir  # noqa: F401 (fixture)
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "frontier-hypothesis")  # caches, not the checkout
 COLLECTION = "fuzzed"
@@ -46,40 +45,14 @@ OPERATIONS = [(method.upper(), path) for path, ops in
               .openapi()["paths"].items() for method in ops]
 
 
-class HashEmbedder:
-    """What the embeddings route and the RAG store need of service.pool.embedder.Embedder."""
-
-    dim, max_seq_length = 32, 256
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def count_tokens(self, texts):
-        return [min(len(self.tokenizer.encode(t)), self.max_seq_length) for t in texts]
-
-    async def encode(self, texts):
-        if not texts:
-            return torch.empty(0, self.dim)
-        return torch.from_numpy(np.stack([hash_vector(t, self.dim) for t in texts]))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from tests.golden.test_native_golden import _save_tiny
-
-    path = tmp_path_factory.mktemp("llama")
-    _save_tiny("llama", path)
-    return path
-
-
 @pytest.fixture
-def fuzz_app(model_dir, tmp_path):
+def fuzz_app(tiny_dir, tmp_path):
     """One app per test: schemathesis' pytest plugin ends every ASGI lifespan after each test (and the
     lifespan's end stops the engines and unloads the pool)."""
-    engine = load_native_engine(model_dir, "cpu", torch.float32, 128, 64, kv_cache_bytes=4 << 20, block_size=4,
+    engine = load_native_engine(tiny_dir, "cpu", torch.float32, 128, 64, kv_cache_bytes=4 << 20, block_size=4,
                                 max_num_batched_tokens=64)
-    engine.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return build_app(tmp_path, engine, HashEmbedder(engine.tokenizer), max_tokens_default=16, rag_chunk_size=32,
+    engine.tokenizer.chat_template = PLAIN_TEMPLATE
+    return build_app(tmp_path, engine, TokenizerEmbedder(engine.tokenizer), max_tokens_default=16, rag_chunk_size=32,
                      rag_chunk_overlap=8, rag_max_chunks_per_request=64, rag_max_documents_per_request=8)
 
 
