@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from service.engine.output_processor import SequenceOutput, token_logprobs
-from service.engine.sampler import SamplingRow, make_generator, sample
+from service.engine.output_processor import token_logprobs
+from service.engine.sampler import sample
+from service.engine.sequence import SequenceState
 from service.engine.threaded import ThreadedEngine
 from service.engine.types import FinishReason, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob
 
@@ -22,17 +23,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Seq:
-    out: SequenceOutput
-    row: SamplingRow
-    controller: object | None
-    forced: collections.deque = field(default_factory=collections.deque)
-
-
-@dataclass
 class _Active:
     req: GenerationRequest
-    seqs: list[_Seq]
+    seqs: list[SequenceState]
     cache: object | None = None
     next_input: torch.Tensor | None = None  # [n, t]
 
@@ -88,26 +81,20 @@ class HFEngine(ThreadedEngine):
             if req.request_id == request_id:
                 self._waiting.remove(req)
                 self._num_waiting_seqs -= req.sampling.n
-                return [s.abort() for s in self._outputs(req)]
+                return [s.out.abort() for s in self._states(req)]  # controllers not built yet: no report
         if self._active and self._active.req.request_id == request_id:
-            outs = [s.out.abort() for s in self._active.seqs if not s.out.finished]
+            outs = [s.abort() for s in self._active.seqs if not s.finished]
             self._active = None
             return outs
         return []
 
-    def _outputs(self, req: GenerationRequest) -> list[SequenceOutput]:
-        return [SequenceOutput(req.request_id, i, req.sampling, self.tokenizer, self.eos_token_ids,
-                               len(req.prompt_token_ids), self.max_model_len) for i in range(req.sampling.n)]
+    def _states(self, req: GenerationRequest) -> list[SequenceState]:
+        return [SequenceState(req, i, self.tokenizer, self.eos_token_ids, self.max_model_len, self.device)
+                for i in range(req.sampling.n)]
 
     def _begin(self, req: GenerationRequest) -> _Active:
-        p = req.sampling
-        seqs = []
-        for i, out in enumerate(self._outputs(req)):
-            row = SamplingRow(p, make_generator(p.seed, i, self.device), out.token_ids, req.prompt_token_ids, [])
-            controller = req.controller_factory() if req.controller_factory else None
-            seqs.append(_Seq(out, row, controller))
-        ids = torch.tensor([req.prompt_token_ids] * p.n, device=self.device)
-        return _Active(req, seqs, None, ids)
+        ids = torch.tensor([req.prompt_token_ids] * req.sampling.n, device=self.device)
+        return _Active(req, self._states(req), None, ids)
 
     def _step(self) -> list[RequestOutput]:
         # One request per step: whatever raises here is that request's failure alone.
@@ -127,7 +114,7 @@ class HFEngine(ThreadedEngine):
 
     def _advance(self, act: _Active) -> list[RequestOutput]:
         for s in act.seqs:
-            s.row.banned_token_ids = s.controller.banned_tokens(s.out.num_generated) if s.controller else []
+            s.before_sample()
         p = act.req.sampling
         # Prompt logprobs need the logits of every prompt position; otherwise only the last
         # position's (logits_to_keep=1: a prefill would otherwise build [n, T, V]).
@@ -148,21 +135,10 @@ class HFEngine(ThreadedEngine):
         token_list = token_ids.tolist()
         outputs: list[RequestOutput] = []
         for i, s in enumerate(act.seqs):
-            if s.out.finished:
+            if s.finished:
                 continue
-            if s.forced:
-                token_list[i] = s.forced.popleft()
-            elif s.controller is not None and hasattr(s.controller, "rewrite"):
-                replacement = s.controller.rewrite(token_list[i], s.out.num_generated)
-                token_list[i] = replacement[0]
-                s.forced.extend(replacement[1:])
-            tok = token_list[i]
-            lp = logprobs[i] if logprobs else None
-            if lp is not None and lp.token_id != tok:  # forced/rewritten: report the accepted token
-                lp = TokenLogprob(tok, float(torch.log_softmax(logits[i].float(), -1)[tok]), lp.top)
-            delta = s.out.append(tok, lp)
-            if s.controller and not s.out.finished:
-                s.forced.extend(s.controller.on_token(tok, s.out.num_generated))
+            delta = s.accept(token_list[i], logprobs[i] if logprobs else None, logits[i])
+            token_list[i] = s.last_token
             if delta is not None:
                 outputs.append(delta)
         self.num_steps += 1
@@ -178,12 +154,12 @@ class HFEngine(ThreadedEngine):
         if logits is not None:  # row 0: the n rows share the prompt; position t predicts token t + 1
             values += token_logprobs(logits[0, :-1], act.next_input[0, 1:], k)
         for s in act.seqs:
-            s.out.set_prompt_logprobs(values)
+            s.set_prompt_logprobs(values)
 
     def _prompt_only(self, act: _Active) -> list[RequestOutput]:
         """max_tokens 0 (echo the prompt and its logprobs): done after the prefill, nothing sampled."""
         self._active = None
-        return [s.out.finish_prompt_only() for s in act.seqs]
+        return [s.finish_prompt_only() for s in act.seqs]
 
 
 def load_hf_engine(model_dir, device: torch.device, dtype: torch.dtype, max_model_len: int | None, max_waiting: int):

@@ -8,19 +8,18 @@ generator, output processor, token controller) lives in `Sequence.payload`, neve
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from service.engine.kv_cache import BlockManager, kv_bytes_per_block
-from service.engine.output_processor import SequenceOutput, token_logprobs
+from service.engine.output_processor import token_logprobs
 from service.engine.runner import ModelRunner
-from service.engine.sampler import SamplingRow, make_generator, sample
+from service.engine.sampler import sample
 from service.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from service.engine.sequence import SequenceState
 from service.engine.threaded import ThreadedEngine
 from service.engine.types import (
     EngineOverloaded, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
@@ -28,15 +27,6 @@ from service.engine.types import (
 
 log = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_BYTES = 1 << 30
-
-
-@dataclass
-class _SeqState:
-    out: SequenceOutput
-    row: SamplingRow
-    controller: object | None
-    forced: collections.deque = field(default_factory=collections.deque)
-    prompt_lps: list | None = None  # prompt logprobs being gathered (sequence 0 of the request only)
 
 
 class NativeEngine(ThreadedEngine):
@@ -94,23 +84,21 @@ class NativeEngine(ThreadedEngine):
         p, prompt = req.sampling, list(req.prompt_token_ids)
         seqs = []
         for i in range(p.n):
-            out = SequenceOutput(req.request_id, i, p, self.tokenizer, self.eos_token_ids, len(prompt), self.max_model_len)
-            row = SamplingRow(p, make_generator(p.seed, i, self.device), out.token_ids, prompt, [])
-            controller = req.controller_factory() if req.controller_factory else None
-            seqs.append(Sequence(req.request_id, i, list(prompt), len(prompt), payload=_SeqState(out, row, controller)))
+            state = SequenceState(req, i, self.tokenizer, self.eos_token_ids, self.max_model_len, self.device)
+            seqs.append(Sequence(req.request_id, i, list(prompt), len(prompt), payload=state))
         if p.prompt_logprobs is not None:  # sequence 0 computes them (no cache reads); the others get a copy
             seqs[0].payload.prompt_lps = [None] * len(prompt)
             if len(prompt) > 1:
                 seqs[0].prompt_logprobs = p.prompt_logprobs
             else:
                 for s in seqs:
-                    s.payload.out.set_prompt_logprobs(seqs[0].payload.prompt_lps)
+                    s.payload.set_prompt_logprobs(seqs[0].payload.prompt_lps)
         self.scheduler.add(seqs)
         self._num_requests += 1
 
     def _drop(self, request_id: str) -> list[RequestOutput]:
         seqs = self.scheduler.abort(request_id)
-        outs = [s.payload.out.abort() for s in seqs if not s.payload.out.finished]
+        outs = [s.payload.abort() for s in seqs if not s.payload.finished]
         if seqs:
             self._num_requests -= 1
             self._refresh_queue_stats()  # an abort may leave the engine idle: no step will refresh them
@@ -154,7 +142,7 @@ class NativeEngine(ThreadedEngine):
             if end >= seq.num_prompt_tokens:
                 seq.prompt_logprobs = None  # done: a recompute after preemption may read the cache again
                 for s in (seq, *seq.siblings):
-                    s.payload.out.set_prompt_logprobs(st.prompt_lps)
+                    s.payload.set_prompt_logprobs(st.prompt_lps)
         self.runner.prompt_logits = []
 
     def _finish_prompt_only(self, samplers, logits: torch.Tensor):
@@ -167,7 +155,7 @@ class NativeEngine(ThreadedEngine):
         for it in samplers:
             seq = it.seq
             if seq.payload.out.params.max_tokens == 0:
-                delta = seq.payload.out.finish_prompt_only()
+                delta = seq.payload.finish_prompt_only()
                 delta.num_cached_tokens = seq.num_cached_tokens
                 outputs.append(delta)
                 self._release(seq)
@@ -177,9 +165,8 @@ class NativeEngine(ThreadedEngine):
         # A row that raises (its sampling, its controller) fails its own request; the batch goes on.
         failed: dict[str, str] = {}  # request id -> error
         for it in samplers:  # controllers may ban tokens for this sample (e.g. end-of-thinking too early)
-            st = it.seq.payload
             try:
-                st.row.banned_token_ids = st.controller.banned_tokens(st.out.num_generated) if st.controller else []
+                it.seq.payload.before_sample()
             except Exception as exc:
                 failed.setdefault(it.seq.request_id, str(exc))
         live = [i for i, it in enumerate(samplers) if it.seq.request_id not in failed]
@@ -221,32 +208,20 @@ class NativeEngine(ThreadedEngine):
         return picks
 
     def _accept(self, seq: Sequence, tok: int, lp: TokenLogprob | None, logits: torch.Tensor) -> RequestOutput | None:
-        """One sampled token through forcing, controllers, stop checks. logits: [V] of this row."""
-        st: _SeqState = seq.payload
-        if st.forced:
-            tok = st.forced.popleft()
-        elif st.controller is not None and hasattr(st.controller, "rewrite"):  # e.g. "Wait," instead of ending a thought too early
-            replacement = st.controller.rewrite(tok, st.out.num_generated)
-            tok = replacement[0]
-            st.forced.extend(replacement[1:])
-        if not 0 <= tok < logits.shape[0]:  # a forced id past the vocabulary would fail the next forward for all
-            raise ValueError(f"token id {tok} is outside the vocabulary [0, {logits.shape[0]})")
-        if lp is not None and lp.token_id != tok:
-            lp = TokenLogprob(tok, float(torch.log_softmax(logits.float(), -1)[tok]), lp.top)
-        seq.token_ids.append(tok)
-        delta = st.out.append(tok, lp)
-        if st.controller is not None and not st.out.finished:
-            st.forced.extend(st.controller.on_token(tok, st.out.num_generated))
+        """One sampled token through the sequence's state machine. logits: [V] of this row."""
+        st: SequenceState = seq.payload
+        delta = st.accept(tok, lp, logits)
+        seq.token_ids.append(st.last_token)
         if delta is not None:
             delta.num_cached_tokens = seq.num_cached_tokens
-        if st.out.finished:
+        if st.finished:
             self._release(seq)
         return delta
 
     def _release(self, seq: Sequence) -> None:
         """A finished sequence gives back its blocks; the last of its request ends the request."""
         self.scheduler.finish(seq)
-        if all(s.payload.out.finished for s in seq.siblings):
+        if all(s.payload.finished for s in seq.siblings):
             self._num_requests -= 1
 
     # ---- stats (read from any thread: the worker swaps in a fresh dict) ----

@@ -62,6 +62,9 @@ class TokenController(Protocol):
 
     def banned_tokens(self, num_generated: int) -> list[int]: ...
 
+    def report(self) -> dict[str, float]:
+        """Optional: counts for the final output (engine thread, once the sequence has ended)."""
+
 
 @dataclass
 class GenerationRequest:
@@ -99,6 +102,9 @@ class RequestOutput:
     num_generated_tokens: int = 0  # cumulative for this sequence
     num_cached_tokens: int = 0
     error: str | None = None
+    # On a sequence's final delta: what its token controller reports (TokenController.report), e.g.
+    # {"reasoning_tokens": 212, "budget_forced": 1}. The API reads per-sequence results only here.
+    report: dict[str, float] | None = None
 
 
 @runtime_checkable
