@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 
 class Task(str, enum.Enum):
@@ -58,6 +58,21 @@ class SamplingDefaults(BaseModel):
     repetition_penalty: float | None = None
 
 
+class ReasoningConfig(BaseModel):
+    """How the model thinks (service/reasoning/controller.py ThinkingFormat): unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid")
+    # native: the model emits the tags itself | scaffold: a system instruction asks it to | template:
+    # the chat template switches thinking on through `template_kwarg` (e.g. enable_thinking)
+    format: Literal["native", "scaffold", "template"] = "scaffold"
+    start: str = "<think>"
+    end: str = "</think>"
+    template_kwarg: str | None = None
+    wait_cue: str | None = None  # inserted below the minimum budget (default " Wait,")
+    answer_transition: str | None = None  # forced after a closed thought (default a newline)
+    instruction: str | None = None  # scaffold instruction with {start} and {end}
+    efforts: dict[Literal["low", "medium", "high"], PositiveInt] = Field(default_factory=dict)  # token budgets
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     id: str
@@ -75,7 +90,7 @@ class Manifest(BaseModel):
     chat_template: str | None = None  # overrides the tokenizer's template
     eos_tokens: list[str] = Field(default_factory=list)  # extra end-of-turn tokens
     embedding_dim: int | None = None
-    reasoning: dict = Field(default_factory=dict)  # thinking format and effort presets
+    reasoning: ReasoningConfig = Field(default_factory=lambda: ReasoningConfig())  # thinking format, effort presets
     # Sampling defaults for fields a request leaves out (as Ollama's Modelfile PARAMETERs).
     defaults: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
 

@@ -28,11 +28,10 @@ class ThinkingFormat:
     )
 
     @classmethod
-    def from_manifest(cls, cfg: dict) -> "ThinkingFormat":
-        fields = {k: v for k, v in cfg.items() if k in cls.__dataclass_fields__}
-        if "format" in cfg:
-            fields["kind"] = cfg["format"]
-        return cls(**fields)
+    def from_manifest(cls, cfg) -> "ThinkingFormat":
+        """cfg: the manifest's ReasoningConfig (validated there; unset fields keep these defaults)."""
+        fields = {k: v for k, v in cfg.model_dump(exclude={"format", "efforts"}).items() if v is not None}
+        return cls(kind=cfg.format, **fields)
 
     def system_instruction(self) -> str:
         return self.instruction.format(start=self.start, end=self.end)

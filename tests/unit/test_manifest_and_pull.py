@@ -66,6 +66,9 @@ def test_empty_registry_says_none(tmp_path):
     {"task": "dance"},
     {"source": {"kind": "ftp", "path": "x"}},
     {"format": "onnx"},
+    {"reasoning": {"formt": "scaffold"}},  # a typo in the reasoning section is an error, not dropped
+    {"reasoning": {"format": "thinky"}},
+    {"reasoning": {"efforts": {"medium": 0}}},
 ])
 def test_invalid_manifest_raises_manifest_error(tmp_path, bad):
     path = tmp_path / "bad.yaml"

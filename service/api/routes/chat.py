@@ -40,8 +40,8 @@ async def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _reasoning_plan(body, lm, prompt_len: int) -> ReasoningPlan | None:
-    cfg = lm.manifest.reasoning or {}
-    params = parse_reasoning(body, cfg.get("efforts"), lm.max_model_len, prompt_len)
+    cfg = lm.manifest.reasoning
+    params = parse_reasoning(body, cfg.efforts, lm.max_model_len, prompt_len)
     if params is None:
         return None
     if params.strategy == "self_consistency" and body.n != 1:
