@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, machine_line  # noqa: E402
 from service.engine.fresh_thread import run_in_fresh_thread
-from service.engine.native import load_native_engine
+from service.engine.config import EngineConfig
+from service.engine.loading import load_native_engine
 from service.engine.types import GenerationRequest, SamplingParams
 
 PROMPT_LEN = 32
@@ -89,8 +90,9 @@ def main() -> None:
     # Loaded in a thread that ends, as the server does: a live second OpenMP pool (the main
     # thread's) would slow the engine worker's kernels (bench/omp_pools.py).
     engine = asyncio.run(run_in_fresh_thread(
-        load_native_engine, args.model_dir, "cpu", torch.float32, 2048, 256, 512 << 20, args.quant,
-        args.int8_scheme))
+        load_native_engine, args.model_dir, "cpu", torch.float32,
+        EngineConfig(max_model_len=2048, max_waiting=256, kv_cache_bytes=512 << 20,
+                     quantization=args.quant or "none", int8_scheme=args.int8_scheme)))
     kernels = engine.kernels
     vocab = engine.model.config.vocab_size
     batches = [int(b) for b in args.batches.split(",") if b]

@@ -1,7 +1,8 @@
 """Settings at the edge: FRONTIER_* environment variables, an optional YAML file, CLI overrides.
 
-Engines never read Settings directly: the pool turns them into plain arguments, and runtime
-measurements (KV blocks that fit, say) are never written back here.
+Engines never read Settings directly: the pool turns them (with the model's manifest) into one
+frozen `EngineConfig` (service/pool/pool.py `engine_config`), and runtime measurements (KV blocks
+that fit, say) are never written back here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from service.engine.config import DEFAULT_KV_CACHE_BYTES, Quantization  # torch-free
 
 REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "models"
 
@@ -36,7 +39,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     engine: str = "auto"  # auto (native where the architecture is supported) | native | hf
-    quantization: str | None = None  # override every manifest's default: none | int8 | bf16
+    quantization: Quantization | None = None  # override every manifest's default: none | int8 | bf16
     # quantization int8 on CPU: each linear shape runs the faster of int8 and fp16 weights, measured at
     # load and cached per CPU in models_dir/kernels.json; cpu_kernels forces one for every layer.
     cpu_kernels: Literal["auto", "int8", "fp16"] = "auto"
@@ -44,7 +47,7 @@ class Settings(BaseSettings):
     int8_scheme: Literal["auto", "a8w8", "a7w8r"] = "auto"  # service/modeling/int8_linear.py (a7w8: bench only)
     max_model_len: int | None = None  # cap on context length (default: the model's)
     max_waiting_requests: int = 256  # sequences (prompts x n) queued per engine before 429s
-    # Bounded work per request (400 naming the limit past them); see service/api/generation.py.
+    # Bounded work per request (400 naming the limit past them); see service/serving/params.py.
     max_sequences_per_request: int = 64  # prompts x n of one completions/chat request
     max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings call
     max_embedding_tokens: int = 65536  # tokens (after truncation) of one /v1/embeddings call
@@ -54,7 +57,12 @@ class Settings(BaseSettings):
     shutdown_drain_s: float = Field(default=20.0, ge=0)
     # ...then other requests still running (RAG writes, embeddings) get this long before they are cancelled.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    # Native engine (per loaded model): the paged KV pool and the continuous-batching scheduler.
+    kv_cache_memory_bytes: int = Field(default=DEFAULT_KV_CACHE_BYTES, ge=1)
+    kv_block_size: int = Field(default=16, ge=1)  # tokens per KV block (prefix caching shares whole blocks)
+    max_num_seqs: int = Field(default=64, ge=1)  # sequences running in one step
+    max_num_batched_tokens: int = Field(default=256, ge=1)  # tokens per step: decode rows + prefill chunks
+    enable_prefix_caching: bool = True  # reuse computed prompt blocks across requests
     memory_budget_bytes: int = 8 * 1024**3  # weights of all loaded models together
     api_key: str | None = None  # one key with every scope: "Authorization: Bearer <key>"
     max_request_bytes: int = 8 * 1024 * 1024  # any body, chunked or not (413 above)

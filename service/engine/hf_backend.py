@@ -2,7 +2,9 @@
 
 Simple and slow next to the native engine, but it serves every architecture transformers knows.
 Requests are served in arrival order; the n sequences of one request run as one batch (same
-prompt, so no padding). Each `_step` is one forward, so aborts take effect within a token.
+prompt, so no padding). Each `_step` is one forward, so aborts take effect within a token, and
+whatever a step raises is the active request's failure alone: the requests waiting behind it are
+served next. Loading: service/engine/loading.py `load_hf_engine`.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.output_processor import token_logprobs
 from service.engine.sampler import sample
 from service.engine.sequence import SequenceState
 from service.engine.threaded import ThreadedEngine
-from service.engine.types import FinishReason, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob
+from service.engine.types import (
+    EngineOverloaded, FinishReason, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +39,28 @@ class _Active:
 class HFEngine(ThreadedEngine):
     name = "hf"
 
-    def __init__(self, model, tokenizer, eos_token_ids: set[int], max_model_len: int, max_waiting: int = 256):
+    def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], config: EngineConfig | None = None,
+                 kernels: dict[str, Any] | None = None):
+        """eos_token_ids: every id that ends a sequence (service/engine/loading.py resolves them).
+        Of the config, this backend reads max_model_len and max_waiting (no paged KV, no batching)."""
         super().__init__()
+        self.config = config = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.eos_token_ids = eos_token_ids
-        self.max_model_len = max_model_len
-        self.max_waiting = max_waiting
+        self.eos_token_ids = frozenset(eos_token_ids)
+        model_limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_model_len = min(x for x in (model_limit, config.max_model_len) if x) \
+            if (model_limit or config.max_model_len) else 2048
+        self.max_waiting = config.max_waiting
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.kernels = kernels or {"backend": "transformers", "dtype": dtype}
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._num_waiting_seqs = 0  # sequences of _waiting (written by the worker, read by admission)
         self._active: _Active | None = None
         self.num_steps = 0
 
     def _validate(self, req: GenerationRequest, num_ahead: int = 0) -> None:
-        from service.engine.types import EngineOverloaded
-
         n = len(req.prompt_token_ids)
         if n + 1 > self.max_model_len:
             raise RequestTooLarge(
@@ -76,12 +88,18 @@ class HFEngine(ThreadedEngine):
     def _has_work(self) -> bool:
         return self._active is not None or bool(self._waiting)
 
+    def _request_ids(self) -> set[str]:
+        active = [self._active.req.request_id] if self._active is not None else []
+        return {*active, *(r.request_id for r in self._waiting)}
+
     def _drop(self, request_id: str) -> list[RequestOutput]:
         for req in list(self._waiting):
             if req.request_id == request_id:
                 self._waiting.remove(req)
                 self._num_waiting_seqs -= req.sampling.n
-                return [s.out.abort() for s in self._states(req)]  # controllers not built yet: no report
+                # Not started: no sequence state (nor controller, whose factory may raise) to build.
+                return [RequestOutput(request_id, i, "", [], finished=True, finish_reason=FinishReason.ABORT,
+                                      num_prompt_tokens=len(req.prompt_token_ids)) for i in range(req.sampling.n)]
         if self._active and self._active.req.request_id == request_id:
             outs = [s.abort() for s in self._active.seqs if not s.finished]
             self._active = None
@@ -161,19 +179,3 @@ class HFEngine(ThreadedEngine):
         self._active = None
         return [s.finish_prompt_only() for s in act.seqs]
 
-
-def load_hf_engine(model_dir, device: torch.device, dtype: torch.dtype, max_model_len: int | None, max_waiting: int):
-    """Load a causal LM and its tokenizer from a local directory into an HFEngine."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    limit = getattr(model.config, "max_position_embeddings", None) or 2048
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
-    return HFEngine(model, tokenizer, eos_ids, min(limit, max_model_len or limit), max_waiting)
-
-
-__all__ = ["HFEngine", "load_hf_engine", "FinishReason"]

@@ -160,9 +160,6 @@ class BlockManager:
                 self.hash_to_block[h] = block.block_id
             seq.block_hashes.append(h)
 
-    def reset_stats(self) -> None:
-        self.num_prefix_queries = self.num_prefix_hits = 0
-
 
 def _reads_cache(seq) -> bool:
     return getattr(seq, "reads_prefix_cache", True)  # test doubles without the property read it

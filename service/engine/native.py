@@ -4,16 +4,20 @@
 scheduler sequences that share their prompt blocks through the prefix cache (the first computes
 the prompt; the others start once it is cached). Per-sequence state (sampling row with its seeded
 generator, output processor, token controller) lives in `Sequence.payload`, never in the engine.
+Options come in one `EngineConfig`; loading a checkpoint (quantization, EOS ids) is
+service/engine/loading.py. A step that raises past the per-row isolation ends every request the
+engine holds with an error (ThreadedEngine._fail_all); the engine then serves new requests.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.kv_cache import BlockManager, kv_bytes_per_block
 from service.engine.output_processor import token_logprobs
 from service.engine.runner import ModelRunner
@@ -26,38 +30,40 @@ from service.engine.types import (
 )
 
 log = logging.getLogger(__name__)
-DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 class NativeEngine(ThreadedEngine):
     name = "native"
 
-    def __init__(self, model, tokenizer, eos_token_ids: set[int], max_model_len: int, max_waiting: int = 256,
-                 kv_cache_bytes: int | None = None, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 256, enable_prefix_caching: bool = True):
+    def __init__(self, model, tokenizer, eos_token_ids: Iterable[int], config: EngineConfig | None = None,
+                 kernels: dict[str, Any] | None = None):
+        """model: a service/modeling LlamaForCausalLM (weights already quantized, if at all);
+        eos_token_ids: every id that ends a sequence (service/engine/loading.py resolves them);
+        kernels: what the loader chose, for the model card."""
         super().__init__()
+        self.config = config = config or EngineConfig()
         cfg = model.config
-        self.model, self.tokenizer, self.eos_token_ids = model, tokenizer, set(eos_token_ids)
+        self.model, self.tokenizer, self.eos_token_ids = model, tokenizer, frozenset(eos_token_ids)
         self.runner_dtype = model.model.embed_tokens.weight.dtype
-        per_block = kv_bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.runner_dtype)
-        self.kv_cache_bytes = kv_cache_bytes or DEFAULT_KV_CACHE_BYTES
+        self.kernels = kernels or {"quantization": "none", "dtype": str(self.runner_dtype).removeprefix("torch.")}
+        bs = config.block_size
+        per_block = kv_bytes_per_block(cfg.num_layers, bs, cfg.num_kv_heads, cfg.head_dim, self.runner_dtype)
+        self.kv_cache_bytes = config.kv_cache_bytes
         num_blocks = self.kv_cache_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes} is below one KV block ({per_block} bytes)")
-        self.kv_capacity_tokens = num_blocks * block_size
-        self.model_len_limit = max_model_len
-        self.max_model_len = min(max_model_len, self.kv_capacity_tokens)
-        self.max_waiting = max_waiting
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs, max(max_num_batched_tokens, max_num_seqs)), self.block_manager
-        )
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.kv_capacity_tokens = num_blocks * bs
+        self.model_len_limit = min(cfg.max_position_embeddings, config.max_model_len or cfg.max_position_embeddings)
+        self.max_model_len = min(self.model_len_limit, self.kv_capacity_tokens)
+        self.max_waiting = config.max_waiting
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs)), self.block_manager)
+        self.runner = ModelRunner(model, num_blocks, bs)
         self.device = self.runner.device
         self._num_requests = 0  # requests added and not finished (worker thread only)
         self._stats: dict[str, float] = {}
         self.num_steps = 0
-        self.kernels: dict = {}  # what the loader chose (quantization scheme...), for the model card
         self._update_stats(0.0, 0, 0)
 
     # ---- admission (event loop thread) ----
@@ -112,6 +118,13 @@ class NativeEngine(ThreadedEngine):
 
     def _has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def _request_ids(self) -> set[str]:
+        return {s.request_id for s in (*self.scheduler.running, *self.scheduler.waiting)}
+
+    def _after_failed_step(self) -> None:
+        self.runner.prompt_logits = []  # a step that raised may have left them for sequences now gone
+        self._refresh_queue_stats()
 
     def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
@@ -233,9 +246,10 @@ class NativeEngine(ThreadedEngine):
             "num_requests_waiting": float(max(0, self._num_requests - len(running))),
             "kv_cache_usage_perc": bm.usage,  # fraction 0..1, as vLLM reports it
             "kv_cache_num_blocks": float(bm.num_blocks),
-            "prefix_cache_queries": float(bm.num_prefix_queries),
-            "prefix_cache_hits": float(bm.num_prefix_hits),
-            "num_preemptions": float(self.scheduler.num_preemptions),
+            # monotonic since the engine started: Prometheus counters (frontier_*_total), as vLLM's
+            "prefix_cache_queries_total": float(bm.num_prefix_queries),
+            "prefix_cache_hits_total": float(bm.num_prefix_hits),
+            "num_preemptions_total": float(self.scheduler.num_preemptions),
             "last_step_seconds": step_s,
             "last_batch_size": float(batch_size),
             "last_num_batched_tokens": float(num_tokens),
@@ -245,59 +259,3 @@ class NativeEngine(ThreadedEngine):
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
 
-
-def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except Exception:  # no generation_config.json (GGUF, bare checkpoints): the tokenizer decides
-        pass
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def _quantize(model, mode: str, tokenizer, limit: int, int8_scheme: str, cpu_kernels: str,
-              kernel_cache: Path | None) -> dict:
-    from service.modeling.quant import QuantMode, quantize_model
-
-    if QuantMode(mode) is not QuantMode.INT8 or next(model.parameters()).device.type != "cpu":
-        quantize_model(model, mode)
-        return {"quantization": QuantMode(mode).value}
-    from service.modeling.cpu_kernels import prepare_for_cpu
-
-    return prepare_for_cpu(model, tokenizer, limit, int8_scheme, cpu_kernels, kernel_cache)
-
-
-def load_native_engine(model_dir, device: torch.device | str, dtype: torch.dtype, max_model_len: int | None,
-                       max_waiting: int, kv_cache_bytes: int | None = None, quantization: str | None = None,
-                       int8_scheme: str = "auto", cpu_kernels: str = "auto", kernel_cache: Path | None = None,
-                       **engine_kwargs) -> NativeEngine:
-    """Load a Llama-family model (safetensors dir or GGUF) into a NativeEngine.
-
-    quantization "int8" on CPU: each linear shape gets the faster of int8 and fp16-weight kernels,
-    measured at load (or forced by cpu_kernels; cached in kernel_cache): service/modeling/cpu_kernels.py.
-    Raises `service.modeling.loader.UnsupportedArchitecture` for models the native code cannot run."""
-    from transformers import AutoTokenizer
-
-    from service.modeling.loader import find_gguf, load_model, read_config
-
-    path = Path(model_dir)
-    cfg = read_config(path)  # raises UnsupportedArchitecture before any weight is read
-    limit = min(cfg.max_position_embeddings, max_model_len or cfg.max_position_embeddings)
-    gguf = find_gguf(path)
-    if gguf is not None:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_model(path, device, dtype, max_positions=limit)
-    kernels = {"quantization": "none", "dtype": str(dtype).removeprefix("torch.")}
-    if quantization and quantization != "none":
-        kernels.update(_quantize(model, quantization, tokenizer, limit, int8_scheme, cpu_kernels, kernel_cache))
-    eos = _eos_ids(path if gguf is None else gguf.parent, tokenizer)
-    engine = NativeEngine(model, tokenizer, eos, limit, max_waiting, kv_cache_bytes, **engine_kwargs)
-    engine.kernels = kernels
-    return engine

@@ -4,6 +4,10 @@ Model forwards run in one worker thread (they hold the GIL only in Python glue; 
 kernels), so the event loop keeps serving HTTP. Requests enter through a thread-safe inbox; deltas
 come back through `loop.call_soon_threadsafe` into a per-request asyncio.Queue. Subclasses supply
 `_add(req)`, `_drop(request_id)`, `_has_work()` and `_step() -> list[RequestOutput]`.
+
+Nothing a step raises may kill the worker or leave a consumer waiting: a step that raises past the
+engine's own per-request isolation ends every request the engine holds with an error output
+(`_fail_all`), and the worker goes on serving.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ class ThreadedEngine(abc.ABC):
     def _step(self) -> list[RequestOutput]:
         """Advance every running request by one token; return their deltas."""
 
+    def _request_ids(self) -> set[str]:
+        """Ids of the requests the engine holds (waiting or running), for `_fail_all`."""
+        return set()
+
+    def _after_failed_step(self) -> None:
+        """Called after `_fail_all`: drop whatever per-step state the failed step left behind."""
+
     def _validate(self, req: GenerationRequest, num_ahead: int = 0) -> None:
         """Raise RequestTooLarge / EngineOverloaded before a request is queued (event loop thread).
         `num_ahead`: sequences of requests admitted together with this one but not queued yet."""
@@ -101,7 +112,10 @@ class ThreadedEngine(abc.ABC):
             for i in sorted(stream.unfinished):
                 out = RequestOutput(request_id, i, "", [], finished=True, finish_reason=FinishReason.ERROR,
                                     error=message)
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                try:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                except RuntimeError:  # that consumer's event loop is closed already
+                    pass
         if streams:
             log.warning("%s: ended %d open request(s) at shutdown", self.name, len(streams))
 
@@ -142,7 +156,10 @@ class ThreadedEngine(abc.ABC):
                 if stream is not None:
                     if out.finished:
                         stream.unfinished.discard(out.index)
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                    try:
+                        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                    except RuntimeError:  # that consumer's event loop is closed: nobody to tell
+                        log.warning("%s: dropped an output for %s (event loop closed)", self.name, out.request_id)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -164,23 +181,46 @@ class ThreadedEngine(abc.ABC):
 
         with torch.inference_mode():
             while not self._stop.is_set():
-                self._drain_inbox()
-                if not self._has_work():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
                 try:
+                    self._drain_inbox()
+                    if not self._has_work():
+                        self._wake.wait(timeout=0.5)
+                        self._wake.clear()
+                        continue
                     outputs = self._step()
-                except Exception as exc:  # a failed step must not kill the engine or hang clients
+                except Exception as exc:  # a failed step must not kill the worker nor hang a client
                     log.exception("%s step failed", self.name)
                     outputs = self._fail_all(str(exc))
                 self._publish(outputs)
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
-        """Last resort when a failure cannot be traced to its requests (a model forward)."""
+        """Last resort when a failure cannot be traced to its requests (a model forward): every
+        request the engine holds, waiting or running, ends with an error. Requests still in the
+        inbox were not part of the step: they are served next. If the engine cannot even drop a
+        request (its state is broken), that request's open stream is ended here all the same."""
         with self._streams_lock:
-            ids = list(self._streams)
-        return [out for rid in ids for out in self._fail_request(rid, message)]
+            streams = dict(self._streams)
+        try:
+            held = self._request_ids()
+        except Exception:
+            log.exception("%s: could not list its requests", self.name)
+            held = set()
+        outputs: list[RequestOutput] = []
+        for rid in [*streams, *(r for r in held if r not in streams)]:
+            try:
+                outputs += self._fail_request(rid, message)
+            except Exception:
+                log.exception("%s: could not drop request %s", self.name, rid)
+                stream = streams.get(rid)
+                ended = {o.index for o in outputs if o.request_id == rid}
+                for i in sorted(stream.unfinished - ended) if stream is not None else ():
+                    outputs.append(RequestOutput(rid, i, "", [], finished=True, finish_reason=FinishReason.ERROR,
+                                                 error=message))
+        try:
+            self._after_failed_step()
+        except Exception:
+            log.exception("%s: cleanup after a failed step failed", self.name)
+        return outputs
 
     def _fail_request(self, request_id: str, message: str, num_seqs: int = 0) -> list[RequestOutput]:
         """Drop one request and end its open sequences with an error. `num_seqs`: the request never

@@ -1,7 +1,8 @@
 """Request/response types shared by every engine, and the Engine protocol the API talks to.
 
 The API layer builds a `GenerationRequest` and consumes `RequestOutput` deltas; it never knows
-which engine implementation serves it.
+which engine implementation serves it. Engine options: service/engine/config.py (EngineConfig);
+the Tokenizer and Embedder protocols: service/engine/protocols.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+from service.engine.protocols import Tokenizer
 
 
 class FinishReason(str, enum.Enum):
@@ -109,18 +112,26 @@ class RequestOutput:
 
 @runtime_checkable
 class Engine(Protocol):
-    """What the API needs from an engine. Implementations: native (paged KV) and transformers."""
+    """Everything the API reads from an engine. Implementations: native (paged KV, continuous
+    batching; service/engine/native.py) and transformers (service/engine/hf_backend.py)."""
 
-    max_model_len: int
+    name: str  # "native" | "hf"
+    max_model_len: int  # prompt + generated tokens of one sequence
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]  # fixed at construction (the loader adds the manifest's extra tokens)
+    kernels: dict[str, Any]  # what the loader chose (quantization, dtype, CPU kernels...), for the model card
 
-    def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """One request's deltas; the last output of each of its n sequences has finished=True
+        (and error set if the engine failed it). Raises as check_admission does."""
 
     def abort(self, request_id: str) -> None: ...
 
     def check_admission(self, reqs: list[GenerationRequest]) -> None:
         """Raise RequestTooLarge / EngineOverloaded if these requests could not all be queued now."""
 
-    def stats(self) -> dict[str, float]: ...
+    def stats(self) -> dict[str, float]:
+        """Numbers for /metrics: keys ending in _total are monotonic counters, the rest gauges."""
 
     async def start(self) -> None: ...
 

@@ -11,20 +11,14 @@ Int8 scheme (measured on SmolLM2-135M, see bench/results/perplexity.md):
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
+from service.engine.config import Quantization  # the one quantization enum (manifest, Settings, here)
 from service.modeling.int8_linear import Int8Linear, Int8Scheme  # noqa: F401 (re-exported)
-
-
-class QuantMode(str, enum.Enum):
-    NONE = "none"
-    INT8 = "int8"  # per-channel weights, per-token dynamic activations (+ smoothing if calibrated)
-    BF16 = "bf16"
 
 
 # ---------------------------------------------------------------- smoothing
@@ -193,16 +187,16 @@ def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module],
     return swapped
 
 
-def quantize_model(model: nn.Module, mode: QuantMode | str, calib_batches: Iterable | None = None,
+def quantize_model(model: nn.Module, mode: Quantization | str, calib_batches: Iterable | None = None,
                    alpha: float = 0.65, lm_head: bool = False,
                    forward_fn: Callable | None = None, **int8_kwargs) -> nn.Module:
     """Apply a quantization mode in place. INT8 smooths first when calib_batches are given.
     lm_head=True quantizes the output projection too (smoothed with the final norm when
     calibrated); int8_kwargs go to Int8Linear (per_channel, per_token, scheme)."""
-    mode = QuantMode(mode)
-    if mode is QuantMode.BF16:
+    mode = Quantization(mode)
+    if mode is Quantization.BF16:
         return model.to(torch.bfloat16)
-    if mode is QuantMode.INT8:
+    if mode is Quantization.INT8:
         if calib_batches is not None:
             groups = llama_smooth_groups(model, lm_head=lm_head)
             smooth_model(model, calib_batches, alpha, groups=groups, forward_fn=forward_fn)

@@ -9,18 +9,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
+from service.engine.config import Quantization  # the one quantization enum (torch-free)
+
 
 class Task(str, enum.Enum):
     CHAT = "chat"
     COMPLETION = "completion"  # base model: /v1/completions (chat only if it has a template)
     EMBEDDING = "embedding"
     VISION_CHAT = "vision-chat"
-
-
-class Quantization(str, enum.Enum):
-    NONE = "none"
-    INT8 = "int8"
-    BF16 = "bf16"
 
 
 class ManifestFile(BaseModel):

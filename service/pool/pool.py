@@ -12,12 +12,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.config import Settings
+from service.engine.config import EngineConfig, Quantization
 from service.engine.fresh_thread import run_in_fresh_thread
+from service.engine.protocols import Embedder, Tokenizer
+from service.engine.types import Engine
 from service.pool.device import resolve_device, resolve_dtype
-from service.pool.manifest import Manifest, ManifestError, Quantization, Registry, Task
+from service.pool.manifest import Manifest, ManifestError, Registry, Task
 from service.pool.sources import is_pulled, model_dir
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +42,9 @@ class LoadedModel:
     manifest: Manifest
     path: Path
     size_bytes: int
-    engine: object | None = None  # Engine for chat/completion models
-    embedder: object | None = None  # Embedder for embedding models
-    tokenizer: object | None = None
+    engine: Engine | None = None  # chat/completion models
+    embedder: Embedder | None = None  # embedding models
+    tokenizer: Tokenizer | None = None  # the engine's or the embedder's
     engine_kind: str = ""
     pinned: bool = False
     in_flight: int = 0
@@ -76,7 +83,7 @@ class ModelPool:
         m = self.registry.manifests[model_id]
         return "available" if is_pulled(self.settings.models_dir, m) else "not_pulled"
 
-    async def get(self, model_id: str, task: Task | None = None) -> LoadedModel:
+    async def get(self, model_id: str) -> LoadedModel:
         lm = self.loaded.get(model_id)
         if lm is None:
             lm = await self.load(model_id)
@@ -126,17 +133,12 @@ class ModelPool:
             await lm.engine.shutdown()
         log.info("unloaded %s", model_id)
 
-    def _quantization(self, m: Manifest) -> str:
-        if self.device.type == "cuda":
-            return Quantization.NONE.value  # bf16 weights on CUDA (dtype setting)
-        return self.settings.quantization or m.quantization.value
-
     def _load_sync(self, m: Manifest, path: Path, size: int) -> LoadedModel:
         lm = LoadedModel(manifest=m, path=path, size_bytes=size)
         if m.task == Task.EMBEDDING:
-            from service.pool.embedder import Embedder
+            from service.pool.embedder import Embedder as SentenceEmbedder
 
-            lm.embedder = Embedder(path, self.device)
+            lm.embedder = SentenceEmbedder(path, self.device)
             lm.tokenizer = lm.embedder.tokenizer
             return lm
         lm.engine, lm.engine_kind = self._load_engine(m, path)
@@ -145,22 +147,16 @@ class ModelPool:
             lm.tokenizer.chat_template = m.chat_template
         return lm
 
-    def _load_engine(self, m: Manifest, path: Path):
+    def _load_engine(self, m: Manifest, path: Path) -> tuple[Engine, str]:
         s = self.settings
-        max_len = min(x for x in (m.context_length, s.max_model_len) if x) if (m.context_length or s.max_model_len) else None
-        extra_eos = m.eos_tokens
+        config = engine_config(s, m, self.device)
         if s.engine in ("auto", "native"):
             try:
-                from service.engine.native import load_native_engine
+                from service.engine.loading import load_native_engine
                 from service.modeling.loader import UnsupportedArchitecture
 
                 try:
-                    engine = load_native_engine(path, self.device, self.dtype, max_len, s.max_waiting_requests,
-                                                s.kv_cache_memory_bytes, self._quantization(m),
-                                                int8_scheme=s.int8_scheme, cpu_kernels=s.cpu_kernels,
-                                                kernel_cache=s.models_dir / "kernels.json")
-                    _add_eos(engine, extra_eos)
-                    return engine, "native"
+                    return load_native_engine(path, self.device, self.dtype, config), "native"
                 except UnsupportedArchitecture as exc:
                     if s.engine == "native":
                         raise
@@ -169,19 +165,28 @@ class ModelPool:
                 if s.engine == "native":
                     raise
                 log.info("native engine unavailable (%s); using the transformers backend", exc)
-        from service.engine.hf_backend import load_hf_engine
+        from service.engine.loading import load_hf_engine
 
-        engine = load_hf_engine(path, self.device, self.dtype, max_len, s.max_waiting_requests)
-        _add_eos(engine, extra_eos)
-        return engine, "hf"
+        return load_hf_engine(path, self.device, self.dtype, config), "hf"
 
     async def shutdown(self) -> None:
         for model_id in list(self.loaded):
             await self.unload(model_id)
 
 
-def _add_eos(engine, tokens: list[str]) -> None:
-    for tok in tokens:
-        tid = engine.tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid >= 0:
-            engine.eos_token_ids.add(tid)
+def engine_config(settings: Settings, manifest: Manifest, device: torch.device) -> EngineConfig:
+    """Settings + a model's manifest -> the one config its engine is built with.
+
+    Context: the smaller of the manifest's context_length and the max_model_len setting (the
+    model's own limit caps both at load). Quantization: the setting overrides the manifest, except
+    on CUDA, where weights are never quantized (the dtype setting, bf16 by default, applies)."""
+    s = settings
+    caps = [x for x in (manifest.context_length, s.max_model_len) if x]
+    quant = Quantization.NONE if device.type == "cuda" else (s.quantization or manifest.quantization)
+    return EngineConfig(
+        max_model_len=min(caps) if caps else None, max_waiting=s.max_waiting_requests,
+        kv_cache_bytes=s.kv_cache_memory_bytes, block_size=s.kv_block_size, max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens, enable_prefix_caching=s.enable_prefix_caching,
+        quantization=quant, int8_scheme=s.int8_scheme, cpu_kernels=s.cpu_kernels,
+        kernel_cache=s.models_dir / "kernels.json", extra_eos_tokens=tuple(manifest.eos_tokens),
+    )

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from service.engine.native import load_native_engine
+from service.engine.config import EngineConfig
+from service.engine.loading import load_native_engine
 from service.engine.types import EngineOverloaded, GenerationRequest, RequestTooLarge, SamplingParams
 from service.modeling.loader import load_model
 
@@ -58,7 +59,7 @@ def make_engine(path, **kw):
     kw.setdefault("kv_cache_bytes", 4 << 20)
     kw.setdefault("block_size", 4)  # small blocks: short prompts still span several blocks
     kw.setdefault("max_num_batched_tokens", 32)  # small budget: prompts are chunked
-    return load_native_engine(path, "cpu", torch.float32, 512, 64, **kw)
+    return load_native_engine(path, "cpu", torch.float32, EngineConfig(max_model_len=512, max_waiting=64, **kw))
 
 
 def run(engine, reqs: list[GenerationRequest]) -> list[dict[int, list[int]]]:
@@ -143,7 +144,7 @@ def test_preemption_keeps_greedy_output(tiny):
     ps = prompts(6, seed=5)
     engine = make_engine(path, kv_cache_bytes=40 * 2 * 2 * 4 * 2 * 16 * 4)  # 40 blocks of 4 tokens
     out = run(engine, [GenerationRequest(p, SamplingParams(max_tokens=20, **GREEDY)) for p in ps])
-    assert engine.stats()["num_preemptions"] > 0
+    assert engine.stats()["num_preemptions_total"] > 0
     assert [o[0] for o in out] == [hf_greedy(hf, p, 20) for p in ps]
 
 
@@ -163,7 +164,7 @@ def test_n_sequences_share_prompt_blocks(tiny):
     engine = make_engine(path)
     out = run(engine, [GenerationRequest(p, SamplingParams(max_tokens=8, n=3, **GREEDY))])[0]
     assert out[0] == out[1] == out[2] == hf_greedy(hf, p, 8)
-    assert engine.stats()["prefix_cache_hits"] >= 2 * ((len(p) - 1) // 4) * 4
+    assert engine.stats()["prefix_cache_hits_total"] >= 2 * ((len(p) - 1) // 4) * 4
 
 
 class Controller:
@@ -215,7 +216,8 @@ def test_admission_limits(tiny):
     assert small.max_model_len == 32
     with pytest.raises(RequestTooLarge, match="KV cache holds 32 tokens"):
         small._validate(GenerationRequest(list(range(3, 40))))
-    busy = load_native_engine(path, "cpu", torch.float32, 512, 1, kv_cache_bytes=1 << 20)
+    busy = load_native_engine(path, "cpu", torch.float32,
+                              EngineConfig(max_model_len=512, max_waiting=1, kv_cache_bytes=1 << 20))
     busy._inbox.put(("add", GenerationRequest([3])))
     with pytest.raises(EngineOverloaded):
         busy._validate(GenerationRequest([3]))

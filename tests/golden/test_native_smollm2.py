@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.native import load_native_engine
+from service.engine.config import EngineConfig
+from service.engine.loading import load_native_engine
 from service.engine.types import GenerationRequest, SamplingParams
 from service.modeling.int8_linear import Int8Scheme
 from service.modeling.loader import load_model
@@ -57,7 +58,8 @@ def fp32_greedy(smol):
 
 
 def engine(model_dir, **kw):
-    return load_native_engine(model_dir, "cpu", torch.float32, 2048, 64, kv_cache_bytes=256 << 20, **kw)
+    config = EngineConfig(max_model_len=2048, max_waiting=64, kv_cache_bytes=256 << 20, **kw)
+    return load_native_engine(model_dir, "cpu", torch.float32, config)
 
 
 @pytest.mark.slow

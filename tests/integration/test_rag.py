@@ -166,7 +166,7 @@ def test_large_inputs_are_bounded(http):
 
 def _prefix_hits(server) -> float:
     text = httpx.get(f"{server.base_url}/metrics").text
-    m = re.search(rf'^frontier_prefix_cache_hits\{{model="{CHAT_MODEL}"\}} (\S+)$', text, re.M)
+    m = re.search(rf'^frontier_prefix_cache_hits_total\{{model="{CHAT_MODEL}"\}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else -1.0
 
 

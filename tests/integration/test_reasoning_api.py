@@ -90,9 +90,9 @@ def test_invalid_reasoning_requests_are_400(server, extra, param):
 
 def _prefix_hits(server) -> float:
     for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
-        if line.startswith("frontier_prefix_cache_hits{") and CHAT_MODEL in line:
+        if line.startswith("frontier_prefix_cache_hits_total{") and CHAT_MODEL in line:
             return float(line.rsplit(" ", 1)[1])
-    pytest.fail("the native engine exports frontier_prefix_cache_hits")
+    pytest.fail("the native engine exports frontier_prefix_cache_hits_total")
 
 
 def test_self_consistency_paths_share_the_prompt_blocks(server):

@@ -100,3 +100,25 @@ def test_precedence_init_over_env_over_yaml_over_defaults(yaml_file, monkeypatch
     monkeypatch.setenv("FRONTIER_MODELS", '["from-env"]')
     assert Settings().models == ["from-env"]
     assert Settings(models=["from-init"]).models == ["from-init"]
+
+
+def test_engine_settings_defaults_and_env(monkeypatch):
+    from service.engine.config import DEFAULT_KV_CACHE_BYTES, EngineConfig, Quantization
+
+    s = Settings()
+    assert s.kv_cache_memory_bytes == DEFAULT_KV_CACHE_BYTES == EngineConfig().kv_cache_bytes  # one default
+    assert (s.kv_block_size, s.max_num_seqs, s.max_num_batched_tokens, s.enable_prefix_caching) == (16, 64, 256, True)
+    assert s.quantization is None
+    for key, value in {"KV_BLOCK_SIZE": "8", "MAX_NUM_SEQS": "4", "MAX_NUM_BATCHED_TOKENS": "64",
+                       "ENABLE_PREFIX_CACHING": "false", "QUANTIZATION": "int8"}.items():
+        monkeypatch.setenv(f"FRONTIER_{key}", value)
+    s = Settings()
+    assert (s.kv_block_size, s.max_num_seqs, s.max_num_batched_tokens, s.enable_prefix_caching) == (8, 4, 64, False)
+    assert s.quantization is Quantization.INT8
+    monkeypatch.setenv("FRONTIER_QUANTIZATION", "int3")
+    with pytest.raises(ValueError):
+        Settings()
+    monkeypatch.setenv("FRONTIER_QUANTIZATION", "none")
+    monkeypatch.setenv("FRONTIER_MAX_NUM_SEQS", "0")
+    with pytest.raises(ValueError):
+        Settings()

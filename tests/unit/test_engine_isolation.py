@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.hf_backend import HFEngine
 from service.engine.types import EngineOverloaded, FinishReason, GenerationRequest, SamplingParams
 from tests.golden.test_native_golden import _save_tiny, make_engine
@@ -31,7 +32,7 @@ def engine(request, tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    return HFEngine(model, AutoTokenizer.from_pretrained(tiny_dir), set(), 512)
+    return HFEngine(model, AutoTokenizer.from_pretrained(tiny_dir), set(), EngineConfig(max_model_len=512))
 
 
 def _good(max_tokens=24):

@@ -32,7 +32,8 @@ from schemathesis import GenerationMode
 
 from service.api.app import create_app
 from service.config import Settings
-from service.engine.native import load_native_engine
+from service.engine.config import EngineConfig
+from service.engine.loading import load_native_engine
 from tests.unit.rag_fakes import TokenizerEmbedder
 from tests.unit.test_admission import PLAIN_TEMPLATE, build_app, tiny_dir  # noqa: F401 (fixture)
 
@@ -49,8 +50,8 @@ OPERATIONS = [(method.upper(), path) for path, ops in
 def fuzz_app(tiny_dir, tmp_path):
     """One app per test: schemathesis' pytest plugin ends every ASGI lifespan after each test (and the
     lifespan's end stops the engines and unloads the pool)."""
-    engine = load_native_engine(tiny_dir, "cpu", torch.float32, 128, 64, kv_cache_bytes=4 << 20, block_size=4,
-                                max_num_batched_tokens=64)
+    engine = load_native_engine(tiny_dir, "cpu", torch.float32, EngineConfig(
+        max_model_len=128, max_waiting=64, kv_cache_bytes=4 << 20, block_size=4, max_num_batched_tokens=64))
     engine.tokenizer.chat_template = PLAIN_TEMPLATE
     return build_app(tmp_path, engine, TokenizerEmbedder(engine.tokenizer), max_tokens_default=16, rag_chunk_size=32,
                      rag_chunk_overlap=8, rag_max_chunks_per_request=64, rag_max_documents_per_request=8)

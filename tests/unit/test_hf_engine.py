@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.hf_backend import HFEngine
 from service.engine.types import FinishReason, GenerationRequest, RequestTooLarge, SamplingParams
 
@@ -25,7 +26,7 @@ def prompt_ids(tiny_tokenizer):
 def make_engine(tiny_model, tiny_tokenizer):
     def make(max_model_len=256, eos=None):
         eos_ids = {tiny_tokenizer.eos_token_id} if eos is None else eos
-        return HFEngine(tiny_model, tiny_tokenizer, eos_ids, max_model_len)
+        return HFEngine(tiny_model, tiny_tokenizer, eos_ids, EngineConfig(max_model_len=max_model_len))
 
     return make
 

@@ -10,6 +10,7 @@ import asyncio
 import pytest
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.hf_backend import HFEngine
 from service.engine.types import FinishReason, GenerationRequest, SamplingParams
 from tests.golden.test_native_golden import VOCAB, _save_tiny, hf_greedy, make_engine
@@ -144,7 +145,7 @@ def test_native_max_tokens_zero_and_one_token_prompt(tiny):
 
 @pytest.fixture
 def hf_engine(tiny_model, tiny_tokenizer):
-    return HFEngine(tiny_model, tiny_tokenizer, {tiny_tokenizer.eos_token_id}, 256)
+    return HFEngine(tiny_model, tiny_tokenizer, {tiny_tokenizer.eos_token_id}, EngineConfig(max_model_len=256))
 
 
 def test_hf_prompt_logprobs_match_full_forward(hf_engine, tiny_model, tiny_tokenizer):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from service.modeling.quant import (Int8Linear, QuantMode, llama_smooth_groups, quantize_model,
+from service.engine.config import Quantization
+from service.modeling.quant import (Int8Linear, llama_smooth_groups, quantize_model,
                                     smooth_model)
 
 # Int8 per-channel weights + per-token activations: relative error per output row (random
@@ -125,7 +126,7 @@ def test_quantize_model_swaps_linears_and_skips_lm_head():
     model = tiny_hf_llama()
     fp = copy.deepcopy(model)
     ids = torch.randint(0, 96, (1, 10))
-    quantize_model(model, QuantMode.INT8, calib_batches=[ids], alpha=0.65)
+    quantize_model(model, Quantization.INT8, calib_batches=[ids], alpha=0.65)
     swapped = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
     assert len(swapped) == 7 * 2  # q, k, v, o, gate, up, down per layer
     assert type(model.lm_head) is nn.Linear
@@ -135,13 +136,13 @@ def test_quantize_model_swaps_linears_and_skips_lm_head():
 
 
 def test_quant_modes():
-    assert QuantMode("int8") is QuantMode.INT8
+    assert Quantization("int8") is Quantization.INT8
     model = nn.Sequential(nn.Linear(8, 8))
     assert quantize_model(model, "none") is model and type(model[0]) is nn.Linear
     quantize_model(model, "bf16")
     assert model[0].weight.dtype == torch.bfloat16
     with pytest.raises(ValueError):
-        QuantMode("int3")
+        Quantization("int3")
 
 
 @torch.no_grad()
@@ -150,7 +151,7 @@ def test_quantize_model_with_lm_head_unties_it_and_keeps_the_embedding():
     model.model.norm.weight[[7]] *= 25  # an outlier channel into the head
     fp = copy.deepcopy(model)
     ids = torch.randint(0, 96, (1, 10))
-    quantize_model(model, QuantMode.INT8, calib_batches=[ids], alpha=0.65, lm_head=True)
+    quantize_model(model, Quantization.INT8, calib_batches=[ids], alpha=0.65, lm_head=True)
     assert isinstance(model.lm_head, Int8Linear)
     # smoothing scaled the head's input channels; the embedding rows must be the original ones
     torch.testing.assert_close(model.model.embed_tokens.weight, fp.model.embed_tokens.weight)

@@ -11,7 +11,8 @@ import asyncio
 import pytest
 import torch
 
-from service.engine.native import load_native_engine
+from service.engine.config import EngineConfig
+from service.engine.loading import load_native_engine
 from service.engine.types import GenerationRequest, SamplingParams
 from service.modeling.calibration import CALIBRATION_TEXT
 from tests.unit.conftest import build_model, build_tokenizer
@@ -47,8 +48,9 @@ def _generate(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], st
 def test_int8_engine_with_max_model_len_160_loads_and_generates(tiny_bpe_dir, tmp_path):
     tok = build_tokenizer()
     assert len(tok(CALIBRATION_TEXT.read_text(encoding="utf-8"))["input_ids"]) > 2 * 512  # longer than the cap
-    engine = load_native_engine(tiny_bpe_dir, "cpu", torch.float32, MAX_MODEL_LEN, 8, kv_cache_bytes=4 << 20,
-                                quantization="int8", cpu_kernels="int8", kernel_cache=tmp_path / "kernels.json")
+    config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_waiting=8, kv_cache_bytes=4 << 20, quantization="int8",
+                          cpu_kernels="int8", kernel_cache=tmp_path / "kernels.json")
+    engine = load_native_engine(tiny_bpe_dir, "cpu", torch.float32, config)
     assert engine.max_model_len == MAX_MODEL_LEN
     assert engine.kernels["quantization"] == "int8"
     assert set(engine.kernels["linears"].values()) == {"int8"}
