@@ -19,6 +19,7 @@ from service.config import Settings
 from service.metrics import Metrics
 from service.pool.manifest import Registry
 from service.pool.pool import ModelPool
+from service.rag.store import RagStore
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class AppState:
     pool: ModelPool
     metrics: Metrics
     load_error: str | None = None
-    rag: object | None = None  # service.rag.store.RagStore: collections under settings.data_dir/rag
+    rag: RagStore | None = None  # collections under settings.data_dir/rag
     drain: Drain | None = None  # graceful stop: begun by the server on SIGTERM (service/cli.py)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Request
 
 from service.api.errors import APIError
@@ -25,8 +23,3 @@ async def resolve_model(request: Request, model_id: str | None, tasks: tuple[Tas
                        f"{wanted} model", param="model", code="wrong_model_task")
     request.state.model = model_id
     return lm
-
-
-async def tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    # Tokenization is CPU work: keep it off the event loop.
-    return await asyncio.to_thread(lambda: tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -58,6 +58,11 @@ class BudgetController:
     def banned_tokens(self, num_generated: int) -> list[int]:
         return []
 
+    def report(self) -> dict[str, float]:
+        """What the final output carries back to the API (service/engine/sequence.py)."""
+        return {"reasoning_tokens": self.num_reasoning_tokens, "reasoning_extensions": self.num_extensions,
+                "budget_forced": int(self.budget_forced)}
+
     def rewrite(self, token_id: int, num_generated: int) -> list[int]:
         """Called before a sampled token is accepted: the tokens to accept instead (first now, rest forced)."""
         if not self.thinking or self._closing:

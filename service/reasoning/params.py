@@ -27,8 +27,9 @@ def _int(value, field: str, minimum: int) -> int:
     return value
 
 
-def parse_reasoning(body, efforts: dict[str, int] | None, max_model_len: int, prompt_len: int) -> ReasoningParams | None:
-    """None when the request asks for no reasoning."""
+def parse_reasoning(body, efforts: dict[str, int] | None) -> ReasoningParams | None:
+    """None when the request asks for no reasoning. Whether the budget fits the context is the
+    request's TokenBudget's to say (service/serving/budget.py), once the prompt exists."""
     efforts = {**DEFAULT_EFFORTS, **(efforts or {})}
     params: ReasoningParams | None = None
     if body.reasoning_effort is not None:
@@ -73,8 +74,4 @@ def parse_reasoning(body, efforts: dict[str, int] | None, max_model_len: int, pr
             raise APIError(400, f"'reasoning.min_tokens' ({min_tokens}) is larger than 'reasoning.max_tokens' "
                            f"({max_tokens})", param="reasoning.min_tokens")
         params = ReasoningParams(max_tokens, min_tokens, strategy, samples)
-    if params is not None and prompt_len + params.max_tokens >= max_model_len:
-        raise APIError(400, f"the thinking budget ({params.max_tokens} tokens) plus the prompt ({prompt_len} tokens) "
-                       f"does not fit the model's context of {max_model_len} tokens",
-                       param="reasoning.max_tokens", code="context_length_exceeded")
     return params

@@ -1,8 +1,12 @@
-"""Everything a chat request in reasoning mode needs: prompt changes, controllers, output split."""
+"""Everything a chat request in reasoning mode needs: prompt changes, controllers, output split.
+
+Counts come back on the engine's outputs (each sequence's final `report`), never from the
+controller objects, which live on the engine thread.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service.reasoning.controller import BudgetController, ThinkingFormat
 from service.reasoning.params import ReasoningParams
@@ -15,8 +19,7 @@ class ReasoningPlan:
     params: ReasoningParams
     fmt: ThinkingFormat
     tokenizer: object
-    eos_token_ids: set[int]
-    controllers: list[BudgetController] = field(default_factory=list)
+    eos_token_ids: frozenset[int] | set[int]
 
     @property
     def self_consistency(self) -> bool:
@@ -50,24 +53,24 @@ class ReasoningPlan:
 
     def controller_factory(self):
         def make() -> BudgetController:
-            c = BudgetController(self.tokenizer, self.fmt, self.params, self.eos_token_ids)
-            self.controllers.append(c)
-            return c
+            return BudgetController(self.tokenizer, self.fmt, self.params, self.eos_token_ids)
 
         return make if self.thinks() else None
 
     def splitter(self) -> ThinkSplitter:
         return ThinkSplitter(self.fmt.start, self.fmt.end, thinking=self.thinks())
 
-    def reasoning_tokens(self, indexes: list[int] | None = None) -> int:
-        cs = self.controllers if indexes is None else [self.controllers[i] for i in indexes]
-        return sum(c.num_reasoning_tokens for c in cs)
+    @staticmethod
+    def reasoning_tokens(reports: list[dict | None]) -> int:
+        """Thinking tokens of all sequences, from their final outputs' reports."""
+        return sum(int(r.get("reasoning_tokens", 0)) for r in reports if r)
 
-    def record(self, metrics, model_id: str) -> None:
-        for c in self.controllers:
-            metrics.reasoning_tokens.labels(model_id).inc(c.num_reasoning_tokens)
-            metrics.reasoning_extensions.labels(model_id).inc(c.num_extensions)
-            if c.budget_forced:
+    @staticmethod
+    def record(metrics, model_id: str, reports: list[dict | None]) -> None:
+        for r in filter(None, reports):
+            metrics.reasoning_tokens.labels(model_id).inc(r.get("reasoning_tokens", 0))
+            metrics.reasoning_extensions.labels(model_id).inc(r.get("reasoning_extensions", 0))
+            if r.get("budget_forced"):
                 metrics.reasoning_budget_forced.labels(model_id).inc()
 
     @staticmethod

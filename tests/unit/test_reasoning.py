@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from service.engine.config import EngineConfig
 from service.engine.hf_backend import HFEngine
 from service.engine.types import GenerationRequest, SamplingParams
 from service.reasoning.controller import ThinkingFormat
@@ -70,23 +71,29 @@ class ScriptedLM(torch.nn.Module):
 def _run(tokenizer, natural: int, params: ReasoningParams, answer_tokens: int = 20):
     prompt = tokenizer.encode("<|im_start|>assistant\n<think>\n", add_special_tokens=False)
     model = ScriptedLM(tokenizer, len(prompt), natural)
-    engine = HFEngine(model, tokenizer, {tokenizer.eos_token_id}, max_model_len=4096)
+    engine = HFEngine(model, tokenizer, {tokenizer.eos_token_id}, EngineConfig(max_model_len=4096))
     plan = ReasoningPlan(params, ThinkingFormat(), tokenizer, {tokenizer.eos_token_id})
     sampling = SamplingParams(max_tokens=params.max_tokens + answer_tokens, temperature=0)
-    req = GenerationRequest(prompt, sampling, controller_factory=plan.controller_factory())
+    made = []
+    factory = plan.controller_factory()
+    req = GenerationRequest(prompt, sampling, controller_factory=lambda: made.append(factory()) or made[-1])
 
     async def go():
-        text, n = "", 0
+        text, n, report = "", 0, None
         async for out in engine.generate(req):
             text, n = text + out.text, out.num_generated_tokens
+            report = out.report if out.finished else report
         await engine.shutdown()
-        return text, n
+        return text, n, report
 
-    text, n = asyncio.run(go())
+    text, n, report = asyncio.run(go())
     splitter = plan.splitter()
     splitter.feed(text)
     splitter.finish()
-    return plan.controllers[0], splitter, n
+    c = made[0]  # the API reads the counts from the final output's report, never the controller
+    assert report == {"reasoning_tokens": c.num_reasoning_tokens, "reasoning_extensions": c.num_extensions,
+                      "budget_forced": int(c.budget_forced)}
+    return c, splitter, n
 
 
 def test_max_budget_forces_the_end_and_an_answer(chat_tokenizer):

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.api.deps import state
-from service.api.routes.chat import chat_completions
+from service.api.routes.chat import serve_chat
 from service.api.schemas.openai import ChatCompletionRequest, ChatMessage
 from service.api.schemas.rag import (AddDocumentsRequest, CreateCollectionRequest, RagChatRequest,
                                      ReplaceDocumentRequest, SearchRequest)
@@ -179,4 +179,4 @@ async def chat(name: str, body: RagChatRequest, request: Request):
     rag = {"collection": name, "top_k": body.top_k, "mode": body.mode}
     if body.filter:
         rag["filter"] = body.filter
-    return await chat_completions(ChatCompletionRequest(**fields, messages=messages, rag=rag), request)
+    return await serve_chat(ChatCompletionRequest(**fields, messages=messages, rag=rag), request)

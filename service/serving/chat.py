@@ -1,0 +1,79 @@
+"""Chat requests: messages through the stages, then one render and one tokenization, the budget
+settled, and the engine request built. Routes call `prepare_chat`, then `submit`, then shape."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from service.api.errors import APIError
+from service.engine.types import GenerationRequest
+from service.pool.manifest import Task
+from service.serving.budget import TokenBudget
+from service.serving.job import ChatJob, Stage
+from service.serving.params import check_sequences, check_token_ids, sampling_params
+from service.serving.stages import GroundingStage, ReasoningStage
+
+
+@dataclass
+class PreparedChat:
+    job: ChatJob
+    request: GenerationRequest
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+def chat_stages(rag_store) -> list[Stage]:
+    """In order: reasoning reserves thinking before grounding sizes its sources."""
+    return [ReasoningStage(), GroundingStage(rag_store)]
+
+
+def render_chat(tokenizer, messages: list[dict], model_id: str, **template_kwargs) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, f"model {model_id!r} has no chat template; use /v1/completions",
+                       param="model", code="no_chat_template")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    except Exception as exc:  # templates raise on unsupported role orders etc.
+        raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
+
+
+def _check_request(body, lm) -> None:
+    if body.tools:
+        raise APIError(400, "tool calling is not supported yet", param="tools", code="unsupported")
+    if any(m.has_images() for m in body.messages) and lm.manifest.task != Task.VISION_CHAT:
+        raise APIError(400, f"model {lm.id!r} does not accept images", param="messages",
+                       code="images_not_supported")
+
+
+def _tokenize(job: ChatJob) -> list[int]:
+    """Render and tokenize the finished job's prompt. If it overflows what the budget allows, a
+    stage that can give something up (RAG: its weakest source) does, and it renders again."""
+    while True:
+        prompt = render_chat(job.tokenizer, job.messages, job.model.id, **job.template_kwargs)
+        for suffix in job.prompt_suffixes:
+            prompt += suffix(prompt)
+        ids = job.tokenizer.encode(prompt, add_special_tokens=False)
+        if len(ids) <= job.budget.room_for_prompt() or not any(shrink() for shrink in job.shrinkers):
+            return ids
+
+
+async def prepare_chat(body, lm, settings, rag_store) -> PreparedChat:
+    """400s for anything wrong with the request, before it reaches the engine."""
+    _check_request(body, lm)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    budget = TokenBudget(lm.max_model_len, body.max_completion_tokens or body.max_tokens, settings.max_tokens_default)
+    job = ChatJob(body, lm, messages, budget)
+    for stage in chat_stages(rag_store):
+        if stage.applies(job):
+            await stage.apply(job)
+    prompt_ids = await asyncio.to_thread(_tokenize, job)
+    check_token_ids(body, len(lm.tokenizer))
+    answer = budget.answer_tokens(len(prompt_ids))
+    # The engine's limit covers thinking and answer; the reasoning controller bounds the thought.
+    params = sampling_params(body, answer + budget.thinking, body.logprobs, body.top_logprobs or 0,
+                             lm.manifest.defaults, **job.sampling_overrides)
+    check_sequences(1, params.n, settings.max_sequences_per_request)  # n, or reasoning.samples
+    return PreparedChat(job, GenerationRequest(prompt_ids, params, controller_factory=job.controller_factory))

@@ -1,0 +1,53 @@
+"""Request fields to engine parameters, and the request-level limits checked before tokenizing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from service.api.errors import APIError
+from service.engine.types import SamplingParams
+
+
+def check_sequences(num_prompts: int, n: int, limit: int) -> None:
+    """Bounded work: one request may not queue more than `limit` sequences (prompts x n), however
+    the engine's queue stands; checked before any prompt is tokenized."""
+    if num_prompts * n > limit:
+        raise APIError(400, f"this request asks for {num_prompts * n} sequences ({num_prompts} prompt(s) x n={n}); "
+                       f"at most {limit} per request (max_sequences_per_request)", param="n",
+                       code="too_many_sequences")
+
+
+def check_token_ids(body, vocab: int) -> None:
+    """Token ids a request names must exist in the model's vocabulary."""
+    bad = [t for t in body.stop_token_ids or () if t >= vocab]
+    if bad:
+        raise APIError(400, f"stop_token_ids must be in [0, {vocab}); got {bad[0]}", param="stop_token_ids")
+
+
+def _pick(value, default, fallback):
+    return value if value is not None else (default if default is not None else fallback)
+
+
+def sampling_params(body, max_tokens: int, logprobs: bool, top_logprobs: int, defaults=None,
+                    **overrides) -> SamplingParams:
+    """Fields left out take the manifest's defaults, then OpenAI's (temperature 1, top_p 1).
+    max_tokens: settled by the request's TokenBudget; `overrides` from the stages win over all."""
+    top_k = _pick(body.top_k, defaults and defaults.top_k, 0)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_pick(body.temperature, defaults and defaults.temperature, 1.0),
+        top_p=_pick(body.top_p, defaults and defaults.top_p, 1.0),
+        top_k=0 if top_k < 0 else top_k,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=_pick(body.repetition_penalty, defaults and defaults.repetition_penalty, 1.0),
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        n=body.n,
+    )
+    return dataclasses.replace(params, **overrides) if overrides else params
