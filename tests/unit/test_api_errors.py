@@ -1,0 +1,151 @@
+"""Every error is the OpenAI envelope {"error": {message, type, param, code}} with the right status
+(issue #10): unknown model, wrong task, bad JSON, schema violations, unknown routes, and a too-long
+prompt answered 400 before any byte of a stream. None of them reaches the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.fake_engine import CHAT, EMBED, ScriptedEngine, assert_envelope, build_app, metric, run, user
+from tests.unit.rag_fakes import TokenizerEmbedder
+
+CHAT_PATH, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+
+
+@pytest.fixture
+def engine(chat_tokenizer):
+    return ScriptedEngine(chat_tokenizer, "fine.", max_model_len=64)
+
+
+@pytest.fixture
+def app(tmp_path, engine, chat_tokenizer):
+    return build_app(tmp_path, engine, TokenizerEmbedder(chat_tokenizer))
+
+
+def call(method, path, **kw):
+    async def scenario(client):
+        return await client.request(method, path, **kw)
+
+    return scenario
+
+
+@pytest.mark.parametrize("path, body", [
+    (CHAT_PATH, {"model": "nope", "messages": user("x")}),
+    (COMPLETIONS, {"model": "nope", "prompt": "x"}),
+    (EMBEDDINGS, {"model": "nope", "input": "x"}),
+    (CHAT_PATH, {"model": "nope", "messages": user("x"), "stream": True}),
+])
+def test_unknown_model_is_404(app, engine, path, body):
+    r = run(app, call("POST", path, json=body))
+    assert r.status_code == 404, r.text
+    err = assert_envelope(r.json(), code="model_not_found", param="model")
+    assert "nope" in err["message"]
+    assert engine.requests == []
+
+
+def test_unknown_model_card_is_404(app):
+    r = run(app, call("GET", "/v1/models/nope"))
+    assert r.status_code == 404
+    assert_envelope(r.json(), "not_found_error", "model_not_found", "model")
+
+
+@pytest.mark.parametrize("path, body", [
+    (EMBEDDINGS, {"model": CHAT, "input": "x"}),
+    (CHAT_PATH, {"model": EMBED, "messages": user("x")}),
+    (COMPLETIONS, {"model": EMBED, "prompt": "x"}),
+])
+def test_wrong_task_is_400(app, path, body):
+    r = run(app, call("POST", path, json=body))
+    assert r.status_code == 400, r.text
+    assert_envelope(r.json(), "invalid_request_error", "wrong_model_task", "model")
+
+
+@pytest.mark.parametrize("path", [CHAT_PATH, COMPLETIONS, EMBEDDINGS, "/v1/rag/collections"])
+def test_malformed_json_is_400(app, path):
+    r = run(app, call("POST", path, content=b'{"messages": [', headers={"content-type": "application/json"}))
+    assert r.status_code == 400, r.text
+    err = assert_envelope(r.json(), "invalid_request_error")
+    assert "malformed JSON" in err["message"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (CHAT_PATH, {"model": CHAT}, "messages"),
+    (CHAT_PATH, {"messages": "hello"}, "messages"),
+    (CHAT_PATH, {"messages": user("x"), "temperature": 9}, "temperature"),
+    (CHAT_PATH, {"messages": user("x"), "n": 0}, "n"),
+    (CHAT_PATH, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    (CHAT_PATH, {"messages": user("x"), "top_logprobs": 2}, None),  # needs logprobs: a model-level check
+    (COMPLETIONS, {"prompt": []}, "prompt"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    (EMBEDDINGS, {}, "input"),
+    ("/v1/rag/collections", {"name": "bad name!"}, "name"),
+])
+def test_schema_violations_are_400_naming_the_field(app, path, body, param):
+    r = run(app, call("POST", path, json=body))
+    assert r.status_code == 400, r.text  # FastAPI's 422 is mapped to OpenAI's 400
+    assert_envelope(r.json(), "invalid_request_error", param=param)
+
+
+@pytest.mark.parametrize("path, body, param, code", [
+    (CHAT_PATH, {"messages": user("x"), "tools": [{"type": "function"}]}, "tools", "unsupported"),
+    (CHAT_PATH, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}, "messages",
+     "images_not_supported"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens", None),
+    (COMPLETIONS, {"prompt": [1, 10**6]}, "prompt", None),
+    (COMPLETIONS, {"prompt": "x", "stop_token_ids": [10**6]}, "stop_token_ids", None),
+])
+def test_request_checks_are_400(app, engine, path, body, param, code):
+    r = run(app, call("POST", path, json=body))
+    assert r.status_code == 400, r.text
+    assert_envelope(r.json(), "invalid_request_error", code, param)
+    assert engine.requests == []
+
+
+def test_too_many_sequences_names_the_limit(tmp_path, engine):
+    app = build_app(tmp_path, engine, max_sequences_per_request=4)
+    r = run(app, call("POST", COMPLETIONS, json={"prompt": ["a", "b", "c"], "n": 2}))
+    assert r.status_code == 400
+    err = assert_envelope(r.json(), "invalid_request_error", "too_many_sequences", "n")
+    assert "max_sequences_per_request" in err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body, param", [
+    (CHAT_PATH, {"messages": user("word " * 80)}, "messages"),
+    (COMPLETIONS, {"prompt": "word " * 80}, "prompt"),
+    (COMPLETIONS, {"prompt": ["short", "word " * 80]}, "prompt"),  # one prompt of several: none is served
+])
+def test_too_long_prompt_is_400_before_any_byte(app, engine, stream, path, body, param):
+    async def scenario(client):
+        r = await client.post(path, json={**body, "stream": stream})
+        return r, (await client.get("/metrics")).text
+
+    r, metrics = run(app, scenario)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/json"  # a real response, not 200 + an SSE error event
+    err = assert_envelope(r.json(), "invalid_request_error", "context_length_exceeded", param)
+    assert "64" in err["message"]
+    assert engine.requests == []
+    assert metric(metrics, "frontier_requests_total", route=path, status="400") == 1
+
+
+@pytest.mark.parametrize("path, body", [
+    (CHAT_PATH, {"messages": user("x"), "max_tokens": 60}),
+    (COMPLETIONS, {"prompt": "x y z", "max_tokens": 62}),
+])
+def test_prompt_plus_max_tokens_over_the_context_is_400(app, path, body):
+    r = run(app, call("POST", path, json=body))
+    assert r.status_code == 400, r.text
+    assert_envelope(r.json(), "invalid_request_error", "context_length_exceeded", "max_tokens")
+
+
+def test_unknown_route_and_method_are_envelopes(app):
+    async def scenario(client):
+        return await client.get("/v1/nothing"), await client.get(CHAT_PATH)
+
+    missing, wrong_method = run(app, scenario)
+    assert missing.status_code == 404
+    assert_envelope(missing.json(), "not_found_error")
+    assert wrong_method.status_code == 405
+    assert_envelope(wrong_method.json(), "invalid_request_error")
