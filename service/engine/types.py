@@ -23,6 +23,21 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class SpeculativeParams:
+    """Speculative decoding for one request (native engine; others ignore it). The output is the
+    same as without it: greedy token for token, sampled with the same distribution (and, for a
+    point-mass proposer such as n-gram lookup, the same tokens for the same seed)."""
+
+    method: str = "off"  # "off" | "ngram" (prompt lookup) | "draft" (a draft model: not yet)
+    num_tokens: int = 4  # most tokens proposed per step (adaptive below it)
+    model: str | None = None  # draft model id (method "draft")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off" and self.num_tokens > 0
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 1.0
@@ -43,6 +58,7 @@ class SamplingParams:
     # computes logits at every prompt position and reads nothing from the prefix cache for it.
     prompt_logprobs: int | None = None
     n: int = 1
+    speculative: SpeculativeParams | None = None
 
     @property
     def greedy(self) -> bool:
@@ -106,7 +122,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     # On a sequence's final delta: what its token controller reports (TokenController.report), e.g.
-    # {"reasoning_tokens": 212, "budget_forced": 1}. The API reads per-sequence results only here.
+    # {"reasoning_tokens": 212, "budget_forced": 1}, plus speculative decoding's counts when it ran
+    # ({"spec_draft_tokens": 40, "spec_accepted_tokens": 31}). The API reads per-sequence results only here.
     report: dict[str, float] | None = None
 
 
