@@ -129,9 +129,23 @@ class BlockManager:
         """True if the seq has a slot for every token (1 new block at most is needed per step)."""
         return len(seq.block_table) >= self.num_blocks_for(len(seq.token_ids)) or self.num_free_blocks > 0
 
-    def append(self, seq) -> None:
-        while len(seq.block_table) < self.num_blocks_for(len(seq.token_ids)):
+    def blocks_needed(self, seq, extra: int = 0) -> int:
+        """New blocks seq needs for its tokens plus `extra` more (speculative proposals)."""
+        return max(0, self.num_blocks_for(len(seq.token_ids) + extra) - len(seq.block_table))
+
+    def append(self, seq, extra: int = 0) -> None:
+        while len(seq.block_table) < self.num_blocks_for(len(seq.token_ids) + extra):
             seq.block_table.append(self._take_free())
+
+    def trim(self, seq) -> None:
+        """Give back blocks past the seq's tokens (taken for proposals that were rejected)."""
+        keep = self.num_blocks_for(len(seq.token_ids))
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids[bid] = None
 
     def free(self, seq) -> None:
         # Release in reverse so the tail (least shared, least likely reused) is evicted first.

@@ -24,6 +24,7 @@ from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
 from service.engine.scheduler import Scheduler, SchedulerConfig, Sequence
 from service.engine.sequence import SequenceState
+from service.engine.spec_step import Speculation
 from service.engine.threaded import ThreadedEngine
 from service.engine.types import (
     EngineOverloaded, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
@@ -61,6 +62,7 @@ class NativeEngine(ThreadedEngine):
             config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs)), self.block_manager)
         self.runner = ModelRunner(model, num_blocks, bs)
         self.device = self.runner.device
+        self.speculation = Speculation(config.spec_max_batch)
         self._num_requests = 0  # requests added and not finished (worker thread only)
         self._stats: dict[str, float] = {}
         self.num_steps = 0
@@ -90,7 +92,8 @@ class NativeEngine(ThreadedEngine):
         p, prompt = req.sampling, list(req.prompt_token_ids)
         seqs = []
         for i in range(p.n):
-            state = SequenceState(req, i, self.tokenizer, self.eos_token_ids, self.max_model_len, self.device)
+            state = SequenceState(req, i, self.tokenizer, self.eos_token_ids, self.max_model_len, self.device,
+                                  speculates=True)
             seqs.append(Sequence(req.request_id, i, list(prompt), len(prompt), payload=state))
         if p.prompt_logprobs is not None:  # sequence 0 computes them (no cache reads); the others get a copy
             seqs[0].payload.prompt_lps = [None] * len(prompt)
@@ -128,6 +131,7 @@ class NativeEngine(ThreadedEngine):
 
     def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        self.speculation.propose(self.scheduler)  # propose
         batch = self.scheduler.schedule()  # schedule
         if not batch:
             return []
@@ -135,11 +139,14 @@ class NativeEngine(ThreadedEngine):
         self.scheduler.on_step_done(batch)
         if self.runner.prompt_logits:
             self._record_prompt_logprobs()
+        samplers, logits, verifying = self.speculation.split(samplers, logits)
         outputs = []
         if samplers:
             samplers, logits, outputs = self._finish_prompt_only(samplers, logits)
         if samplers:
             outputs += self._sample_and_process(samplers, logits)
+        if verifying:  # speculating sequences: their k + 1 rows, token by token
+            outputs += self.speculation.verify(verifying, self)
         self.num_steps += 1
         self._update_stats(time.perf_counter() - t0, len(batch), sum(it.num_tokens for it in batch))
         return outputs
@@ -254,6 +261,7 @@ class NativeEngine(ThreadedEngine):
             "last_batch_size": float(batch_size),
             "last_num_batched_tokens": float(num_tokens),
             "num_steps": float(self.num_steps),
+            **self.speculation.stats.as_stats(),
         }
 
     def stats(self) -> dict[str, float]:

@@ -3,7 +3,8 @@
 Tokens of all scheduled sequences are concatenated: decode rows first, then prefill chunks. Each
 layer writes the new K/V into the pool at `slot_mapping`, then attends per group of rows:
   - decode group: one query token per row; rows are batched, the kv heads' query heads are folded
-    into the query-length axis ([B, Hkv, rep, D]) so GQA needs no K/V repeat;
+    into the query-length axis ([B, Hkv, rep, D]) so GQA needs no K/V repeat; a speculating
+    sequence's last token and proposals are one row each (service/engine/spec_step.py);
   - prefill group: each chunk attends causally to its cached prefix + itself (padded if several).
 A group's K/V are gathered block-wise with one `index_select` into a reused workspace (measured
 ~3x faster than advanced indexing into a fresh tensor on this CPU), then torch SDPA with an additive
@@ -13,6 +14,7 @@ code: the same path runs on CUDA.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 
 from service.engine.kv_cache import allocate_kv_pool
 from service.engine.scheduler import ScheduledSeq
+
+DECODE_BUCKET_TOKENS = 128  # decode rows are padded to a multiple of this many keys (see _bucket)
 
 
 @dataclass
@@ -61,7 +65,14 @@ class PagedAttention:
         if g.pad_index is not None:
             q = q.index_select(0, g.pad_index)  # [B * T, Hq, D]
         q = q.view(B, T, hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, rep * T, D)
-        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=g.mask)  # [B, Hkv, rep*T, D]
+        if T == 1:  # decode rows: plain matmul-softmax-matmul, which computes each row the same in any
+            # batch (torch's SDPA kernel does not: a row's result varies with its neighbours' masks;
+            # nor does a batched matmul over strided operands, hence the contiguous copies)
+            k, v = kv[0].contiguous(), kv[1].contiguous()
+            scores = torch.matmul(q.contiguous(), k.transpose(-1, -2)).mul_(D ** -0.5).add_(g.mask)
+            o = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, rep, D]
+        else:
+            o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=g.mask)  # [B, Hkv, rep*T, D]
         o = o.view(B, hkv, rep, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, hkv * rep, D)
         return o if g.valid_rows is None else o.index_select(0, g.valid_rows)
 
@@ -91,20 +102,29 @@ class ModelRunner:
             self._ws = torch.empty(max(numel, 2 * self._ws.numel()), dtype=self.dtype, device=self.device)
         return self._ws[:numel]
 
-    def _group(self, items: list[ScheduledSeq], start: int) -> _Group:
-        bs, T = self.block_size, max(it.num_tokens for it in items)
-        B = len(items)
-        nb = max((it.start + it.num_tokens + bs - 1) // bs for it in items)
+    def _bucket(self, ctx: int) -> int:
+        """Blocks a decode row with `ctx` tokens of context attends over: its own need rounded up to
+        DECODE_BUCKET_TOKENS. SDPA's result depends on the padded key length, so a row's numerics
+        must follow from its own context, never from the longest row it is batched with."""
+        unit = max(1, DECODE_BUCKET_TOKENS // self.block_size)
+        need = (ctx + self.block_size - 1) // self.block_size
+        return -(-need // unit) * unit
+
+    def _group(self, rows: list[tuple[list[int], int, int]], start: int, nb: int | None = None) -> _Group:
+        """rows: (block table, first query position, query tokens) per attention row; nb: blocks
+        each row attends over (default: the longest row's)."""
+        bs, T = self.block_size, max(n for _, _, n in rows)
+        B = len(rows)
+        nb = nb or max((first + n + bs - 1) // bs for _, first, n in rows)
         block_ids, q_pos, ctx, pad_index, valid_rows, offset = [], [], [], [], [], 0
-        for row, it in enumerate(items):
-            table = it.seq.block_table
-            need = (it.start + it.num_tokens + bs - 1) // bs
-            block_ids += table[:need] + [0] * (nb - need)
-            q_pos += [it.start + t for t in range(it.num_tokens)] + [0] * (T - it.num_tokens)
-            ctx.append(it.start + it.num_tokens)
-            pad_index += list(range(offset, offset + it.num_tokens)) + [offset] * (T - it.num_tokens)
-            valid_rows += range(row * T, row * T + it.num_tokens)
-            offset += it.num_tokens
+        for row, (table, first, n) in enumerate(rows):
+            need = (first + n + bs - 1) // bs
+            block_ids += table[:need] + [0] * (nb - need)  # padding reads block 0, masked
+            q_pos += [first + t for t in range(n)] + [0] * (T - n)
+            ctx.append(first + n)
+            pad_index += list(range(offset, offset + n)) + [offset] * (T - n)
+            valid_rows += range(row * T, row * T + n)
+            offset += n
         dev = self.device
         qp = torch.tensor(q_pos, device=dev).view(B, T, 1)
         kp = torch.arange(nb * bs, device=dev).view(1, 1, -1)
@@ -125,30 +145,52 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
-        """Forward the step. Returns (the items that sample, their next-token logits [S, V] float32)."""
-        decode = [it for it in batch if it.num_tokens == 1]
-        prefill = [it for it in batch if it.num_tokens > 1]
-        ordered = decode + prefill
+        """Forward the step. Returns (the items that sample, their next-token logits float32): one row
+        per item, in order, except an item with proposed tokens (num_spec k), which gets k + 1 rows
+        (after its last accepted token and after each proposed token)."""
+        # Decode rows: one query token each, a speculating sequence's last token and proposals one
+        # row per token (each attending to its own prefix), in buckets of equal padded length, so a
+        # row computes exactly what it would alone or in any batch (verification then matches plain
+        # decoding token for token). Prefill chunks follow, one group.
+        decode = [it for it in batch if it.num_tokens == 1 or it.num_spec]
+        prefill = [it for it in batch if it.num_tokens > 1 and not it.num_spec]
         bs = self.block_size
         input_ids, positions, slots, logits_index, samplers, prompt_rows = [], [], [], [], [], []
-        for it in ordered:
-            table = it.seq.block_table
+
+        def add(it: ScheduledSeq, pos: int) -> None:
+            base = it.start + it.num_tokens - it.num_spec  # positions from here hold proposed tokens
+            slots.append(it.seq.block_table[pos // bs] * bs + pos % bs)
+            positions.append(pos)
+            input_ids.append(it.seq.token_ids[pos] if pos < base else it.seq.spec_tokens[pos - base])
+
+        rows = sorted(((it, it.start + j) for it in decode for j in range(it.num_tokens)),
+                      key=lambda r: self._bucket(r[1] + 1))
+        flat = {}  # (item, position) -> index in the flat batch
+        groups = []
+        for key, members in itertools.groupby(rows, key=lambda r: self._bucket(r[1] + 1)):
+            members = list(members)
+            groups.append(self._group([(it.seq.block_table, pos, 1) for it, pos in members], len(input_ids), key))
+            for it, pos in members:
+                flat[(id(it), pos)] = len(input_ids)
+                add(it, pos)
+        for it in decode:
+            if it.samples:
+                first = it.start + it.num_tokens - it.num_spec - 1
+                logits_index += [flat[(id(it), pos)] for pos in range(first, it.start + it.num_tokens)]
+                samplers.append(it)
+        if prefill:
+            prefill_rows = [(it.seq.block_table, it.start, it.num_tokens) for it in prefill]
+            groups.append(self._group(prefill_rows, len(input_ids)))
+        for it in prefill:
             if it.seq.prompt_logprobs is not None:  # rows of positions start.. that predict a prompt token
                 m = min(it.num_tokens, it.seq.num_prompt_tokens - 1 - it.start)
                 if m > 0:
                     prompt_rows.append((it, len(input_ids), m))
             for pos in range(it.start, it.start + it.num_tokens):
-                slots.append(table[pos // bs] * bs + pos % bs)
-            positions += range(it.start, it.start + it.num_tokens)
-            input_ids += it.seq.token_ids[it.start : it.start + it.num_tokens]
+                add(it, pos)
             if it.samples:
                 logits_index.append(len(input_ids) - 1)
                 samplers.append(it)
-        groups = []
-        if decode:
-            groups.append(self._group(decode, 0))
-        if prefill:
-            groups.append(self._group(prefill, len(decode)))
         dev = self.device
         attn = PagedAttention(self, torch.tensor(slots, device=dev), groups)
         hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), attn)

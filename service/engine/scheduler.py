@@ -38,6 +38,9 @@ class Sequence:
     # Not None while this sequence still owes its prompt's logprobs (top-k alternatives): the runner
     # computes logits at every prompt position and the prefix cache is not read (a hit would skip them).
     prompt_logprobs: int | None = None
+    # Speculative decoding: tokens proposed for after token_ids (not part of them until verified).
+    # The engine sets them before `schedule`; the scheduler may drop them (no budget, no blocks).
+    spec_tokens: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -61,10 +64,11 @@ class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens computed this step: token_ids[start : start + num_tokens]
     start: int
+    num_spec: int = 0  # of num_tokens, the last num_spec are the sequence's proposed spec_tokens
     samples: bool = False  # the chunk reaches the last known token: its logits give the next token
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+        self.samples = self.start + self.num_tokens - self.num_spec == self.seq.num_tokens
 
 
 @dataclass
@@ -98,20 +102,26 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         scheduled: set[int] = set()
-        # 1. Decode rows first (one token each), preempting the newest when blocks run out.
-        for seq in [s for s in self.running if not s.is_prefilling]:
+        # 1. Decode rows first (one token each, plus proposed tokens where the budget and free blocks
+        # allow: speculation never preempts and never takes a decode row's place), preempting the
+        # newest when blocks run out.
+        decoding = [s for s in self.running if not s.is_prefilling]
+        spare = budget - len(decoding)  # tokens left for proposed tokens this step
+        for seq in decoding:
             if seq.status is not SeqStatus.RUNNING:  # preempted as a victim earlier in this loop
                 continue
+            k = self._spec_room(seq, spare, len(decoding) - len(out))
+            spare -= k
             while not self.bm.can_append(seq):
                 victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
                 self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                self.bm.append(seq)
-                out.append(ScheduledSeq(seq, 1, seq.num_computed_tokens))
+                self.bm.append(seq, extra=k)
+                out.append(ScheduledSeq(seq, 1 + k, seq.num_computed_tokens, num_spec=k))
                 scheduled.add(id(seq))
-                budget -= 1
+                budget -= 1 + k
         # 2. Continue prompts already admitted (they hold all their blocks).
         for seq in self.running:
             if budget <= 0:
@@ -138,6 +148,15 @@ class Scheduler:
             budget -= n
         return out
 
+    def _spec_room(self, seq: Sequence, spare: int, rows_left: int) -> int:
+        """How many of seq's proposed tokens run this step; the rest are dropped. Blocks for them must
+        be free beyond one per decode row still to schedule."""
+        k = min(len(seq.spec_tokens), max(spare, 0))
+        while k and self.bm.blocks_needed(seq, extra=k) > self.bm.num_free_blocks - rows_left:
+            k -= 1
+        del seq.spec_tokens[k:]
+        return k
+
     def _sibling_prefilling(self, seq: Sequence) -> bool:
         """n > 1: wait until a sibling has computed the prompt, then share its blocks via the cache."""
         running = [s for s in seq.siblings if s.status is SeqStatus.RUNNING]
@@ -146,6 +165,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.spec_tokens.clear()
         seq.status, seq.num_computed_tokens = SeqStatus.WAITING, 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -154,8 +174,20 @@ class Scheduler:
         """Advance computed counts and publish full blocks to the prefix cache."""
         for item in batch:
             if item.seq.status is SeqStatus.RUNNING:
-                item.seq.num_computed_tokens = item.start + item.num_tokens
+                # Proposed tokens count once verified (the engine calls `accept_spec`).
+                item.seq.num_computed_tokens = item.start + item.num_tokens - item.num_spec
                 self.bm.register_computed(item.seq)
+
+    def accept_spec(self, seq: Sequence, num_accepted: int) -> None:
+        """After verification: the first num_accepted proposed tokens (now in token_ids) hold valid
+        KV; the rest are forgotten and blocks past the sequence's tokens go back to the pool. Their
+        slots are rewritten before anything reads them, and never published to the prefix cache."""
+        seq.spec_tokens.clear()
+        if seq.status is not SeqStatus.RUNNING:
+            return
+        seq.num_computed_tokens += num_accepted
+        self.bm.trim(seq)
+        self.bm.register_computed(seq)
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is SeqStatus.RUNNING:

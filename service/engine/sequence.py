@@ -16,12 +16,14 @@ import torch
 
 from service.engine.output_processor import SequenceOutput
 from service.engine.sampler import SamplingRow, make_generator
+from service.engine.speculative import SequenceSpeculation
 from service.engine.types import FinishReason, GenerationRequest, RequestOutput, TokenLogprob
 
 
 class SequenceState:
     def __init__(self, req: GenerationRequest, index: int, tokenizer, eos_token_ids, max_model_len: int,
-                 device: torch.device):
+                 device: torch.device, speculates: bool = False):
+        """speculates: the engine verifies proposals (native); elsewhere `speculative` is ignored."""
         p = req.sampling
         self.out = SequenceOutput(req.request_id, index, p, tokenizer, eos_token_ids, len(req.prompt_token_ids),
                                   max_model_len)
@@ -30,6 +32,9 @@ class SequenceState:
         self.controller = req.controller_factory() if req.controller_factory else None
         self.forced: collections.deque[int] = collections.deque()
         self.prompt_lps: list[TokenLogprob | None] | None = None  # native: prompt logprobs being gathered
+        spec = p.speculative
+        self.spec = (SequenceSpeculation(spec.method, spec.num_tokens)
+                     if speculates and spec is not None and spec.enabled else None)
 
     @property
     def finished(self) -> bool:
@@ -78,7 +83,12 @@ class SequenceState:
         return self._with_report(self.out.abort(reason, error))
 
     def _with_report(self, delta: RequestOutput | None) -> RequestOutput | None:
-        if delta is not None and delta.finished and self.controller is not None:
-            report = getattr(self.controller, "report", None)
-            delta.report = dict(report()) if report is not None else None
+        if delta is None or not delta.finished:
+            return delta
+        report = {}
+        if self.controller is not None and hasattr(self.controller, "report"):
+            report.update(self.controller.report())
+        if self.spec is not None:
+            report.update(self.spec.report())
+        delta.report = report or None
         return delta

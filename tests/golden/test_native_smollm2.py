@@ -17,7 +17,7 @@ import torch
 
 from service.engine.config import EngineConfig
 from service.engine.loading import load_native_engine
-from service.engine.types import GenerationRequest, SamplingParams
+from service.engine.types import GenerationRequest, SamplingParams, SpeculativeParams
 from service.modeling.int8_linear import Int8Scheme
 from service.modeling.loader import load_model
 from tests.golden.test_native_golden import _save_tiny, run
@@ -176,6 +176,36 @@ def test_smollm2_int8_on_avx2_kernels(smol):
                          env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+EXTRACTIVE = ("Source: The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
+              "named after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to "
+              "1889. It is 330 metres tall.\n\nSummarise the source in two sentences, quoting it.")
+
+
+@pytest.mark.slow
+def test_smollm2_speculative_greedy_is_token_identical(smol):
+    """The int8 serving path (the near-ties of issue #9 included): n-gram speculation, batched,
+    gives the same greedy tokens as plain decoding, and really accepts drafts."""
+    model_dir, _, ids = smol
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    extractive = tok.encode(tok.apply_chat_template([{"role": "user", "content": EXTRACTIVE}], tokenize=False,
+                                                    add_generation_prompt=True), add_special_tokens=False)
+    prompts = [extractive, ids[0], ids[6], ids[17], ids[19]]
+
+    def greedy(spec):  # a fresh engine each: prefix-cache hits change how prompts are chunked
+        eng = engine(model_dir, quantization="int8", cpu_kernels="int8", spec_max_batch=8)
+        out = run(eng, [GenerationRequest(p, SamplingParams(max_tokens=64, temperature=0, speculative=spec))
+                        for p in prompts])
+        return out, eng
+
+    plain, _ = greedy(None)
+    spec, eng = greedy(SpeculativeParams("ngram", 4))
+    assert spec == plain, [tok.decode(o[0]) for o in spec]
+    assert eng.stats()["spec_decode_num_accepted_tokens_total"] >= 20
+    assert eng.block_manager.num_used_blocks == 0
 
 
 @pytest.mark.slow

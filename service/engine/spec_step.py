@@ -1,0 +1,86 @@
+"""Speculative decoding in the native engine's step: propose before scheduling, verify after the
+forward (service/engine/speculative.py has the proposers and why verification is lossless).
+
+A speculating sequence is scheduled as its last accepted token plus its proposed tokens, one causal
+chunk in the mixed batch; its k + 1 logits rows are then sampled one at a time through the
+sequence's own state machine (penalties, controllers, stop checks, its seeded generator), accepting
+while the emitted token equals the proposal. The scheduler then keeps the KV of the accepted
+tokens and gives back blocks taken only for rejected ones.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from service.engine.sampler import sample
+from service.engine.scheduler import Scheduler, ScheduledSeq
+from service.engine.speculative import SpecStats
+from service.engine.types import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class Speculation:
+    def __init__(self, max_batch: int):
+        # Above this many decoding sequences a step is no longer memory-bound on the weights:
+        # proposed tokens then cost about what they may save, so nobody speculates.
+        self.max_batch = max_batch
+        self.stats = SpecStats()
+
+    def propose(self, scheduler: Scheduler) -> None:
+        decoding = [s for s in scheduler.running if not s.is_prefilling]
+        busy = len(decoding) > self.max_batch
+        for seq in decoding:
+            st = seq.payload
+            if busy or st.spec is None or st.finished or st.forced:
+                seq.spec_tokens = []
+                continue
+            out = st.out  # room after the next token: max_tokens, then the context
+            room = min(out.params.max_tokens - out.num_generated, out.max_model_len - len(seq.token_ids)) - 1
+            seq.spec_tokens = st.spec.propose(seq.token_ids, room)
+
+    @staticmethod
+    def split(samplers: list[ScheduledSeq], logits: torch.Tensor):
+        """(plain items, their logits rows, [(speculating item, its k + 1 rows)])."""
+        if all(it.num_spec == 0 for it in samplers):
+            return samplers, logits, []
+        plain, rows, verifying, r = [], [], [], 0
+        for it in samplers:
+            if it.num_spec:
+                verifying.append((it, logits[r : r + 1 + it.num_spec]))
+            else:
+                plain.append(it)
+                rows.append(r)
+            r += 1 + it.num_spec
+        return plain, logits[rows], verifying
+
+    def verify(self, items, engine) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for it, rows in items:
+            seq, st = it.seq, it.seq.payload
+            if st.finished:  # a sibling's failure ended the request earlier in this loop
+                continue
+            drafts = seq.spec_tokens[: it.num_spec]
+            accepted, last = 0, None
+            try:
+                for j in range(len(drafts) + 1):
+                    st.before_sample()
+                    tokens, lps = sample(rows[j : j + 1], [st.row])
+                    last = engine._accept(seq, int(tokens[0]), lps[0] if lps else None, rows[j])
+                    if last is not None:
+                        outputs.append(last)
+                    if st.finished or j == len(drafts) or st.last_token != drafts[j]:
+                        break
+                    accepted += 1
+            except Exception as exc:  # this request fails alone, as in plain sampling
+                log.error("request %s failed verifying a draft: %s", seq.request_id, exc)
+                outputs.extend(engine._fail_request(seq.request_id, str(exc)))
+                continue
+            st.spec.record(len(drafts), accepted)
+            self.stats.record(len(drafts), accepted)
+            if last is not None and last.report is not None:  # the final report was cut before this draft
+                last.report.update(st.spec.report())
+            engine.scheduler.accept_spec(seq, accepted)
+        return outputs
