@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from service.engine.config import DEFAULT_KV_CACHE_BYTES, Quantization  # torch-free
@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=64, ge=1)  # sequences running in one step
     max_num_batched_tokens: int = Field(default=256, ge=1)  # tokens per step: decode rows + prefill chunks
     enable_prefix_caching: bool = True  # reuse computed prompt blocks across requests
+    # Speculative decoding defaults (native engine): auto = each manifest's `speculative`; off / ngram
+    # override every manifest. A request's `speculative` wins over both (service/serving/params.py).
+    speculative_method: Literal["auto", "off", "ngram"] = "auto"
+    speculative_num_tokens: int | None = Field(default=None, ge=1, le=16)  # overrides the manifests' num_tokens
+    # Nobody speculates while more sequences than this decode in one step (it stops paying under load).
+    speculative_max_batch: int = Field(default=4, ge=0)
     memory_budget_bytes: int = 8 * 1024**3  # weights of all loaded models together
     api_key: str | None = None  # one key with every scope: "Authorization: Bearer <key>"
     max_request_bytes: int = 8 * 1024 * 1024  # any body, chunked or not (413 above)
@@ -88,6 +94,11 @@ class Settings(BaseSettings):
     rag_max_documents_per_request: int = 256
     rag_save_interval_s: float = 2.0  # how often changed indexes are written (SQLite is the truth)
     log_level: str = "info"
+
+    @field_validator("speculative_method", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
     @classmethod
     def settings_customise_sources(

@@ -72,13 +72,16 @@ class _RagStatsCollector:
 
 
 class _EngineStatsCollector:
-    """Exposes every numeric engine stat: keys ending in _total as counters, the rest as gauges."""
+    """Exposes every numeric engine stat: keys ending in _total as counters, the rest as gauges. A key
+    `name_total:<value>` is one labelled sample of the counter frontier_name_total{position="<value>"}
+    (e.g. spec_decode_num_accepted_tokens_per_pos_total:0, as vLLM's per-position acceptance counts)."""
 
     def __init__(self, pool):
         self.pool = pool
 
     def collect(self):
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        positional: dict[str, bool] = {}  # family -> whether its samples carry a position (one label set each)
         for model_id, lm in list(self.pool.loaded.items()):
             if lm.engine is None:
                 continue
@@ -87,11 +90,17 @@ class _EngineStatsCollector:
             except Exception:  # metrics never break anything
                 continue
             for key, value in stats.items():
-                if key.endswith("_total"):
-                    fam = families.setdefault(key, CounterMetricFamily(
-                        f"frontier_{key[:-6]}", f"engine statistic {key}", labels=["model"]))
+                name, sep, position = key.partition(":")
+                if sep and not name.endswith("_total"):  # only counters take a position
+                    continue
+                if positional.setdefault(name, bool(sep)) != bool(sep):
+                    continue
+                labels = ["model", "position"] if sep else ["model"]
+                if name.endswith("_total"):
+                    fam = families.setdefault(name, CounterMetricFamily(
+                        f"frontier_{name[:-6]}", f"engine statistic {name}", labels=labels))
                 else:
-                    fam = families.setdefault(key, GaugeMetricFamily(
-                        f"frontier_{key}", f"engine statistic {key}", labels=["model"]))
-                fam.add_metric([model_id], float(value))
+                    fam = families.setdefault(name, GaugeMetricFamily(
+                        f"frontier_{name}", f"engine statistic {name}", labels=labels))
+                fam.add_metric([model_id, position] if sep else [model_id], float(value))
         yield from families.values()

@@ -72,9 +72,18 @@ async def collect(request: Request, stream: AsyncIterator[tuple[int, RequestOutp
         raise APIError(499, "client disconnected", code="client_closed") from None
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None,
+          reports=()) -> dict:
+    """OpenAI's usage object. `reports`: the sequences' final reports; where speculative decoding ran,
+    its counts appear as OpenAI's predicted-output fields (accepted / rejected prediction tokens)."""
     u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
          "total_tokens": prompt_tokens + completion_tokens}
-    if reasoning_tokens is not None:
-        u["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    details = {} if reasoning_tokens is None else {"reasoning_tokens": reasoning_tokens}
+    spec = [r for r in reports if r and "spec_draft_tokens" in r]
+    if spec:
+        accepted = sum(int(r.get("spec_accepted_tokens", 0)) for r in spec)
+        details["accepted_prediction_tokens"] = accepted
+        details["rejected_prediction_tokens"] = sum(int(r["spec_draft_tokens"]) for r in spec) - accepted
+    if details:
+        u["completion_tokens_details"] = details
     return u

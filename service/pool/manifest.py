@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from service.engine.config import Quantization  # the one quantization enum (torch-free)
 
@@ -69,6 +69,19 @@ class ReasoningConfig(BaseModel):
     efforts: dict[Literal["low", "medium", "high"], PositiveInt] = Field(default_factory=dict)  # token budgets
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding defaults for this model (requests and FRONTIER_SPECULATIVE_* override;
+    service/serving/params.py `speculative_params`). Draft models are not available yet."""
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["off", "ngram"] = "off"  # ngram: prompt lookup (the native engine; others ignore it)
+    num_tokens: int = Field(default=4, ge=1, le=16)  # most tokens proposed per step
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     id: str
@@ -89,6 +102,7 @@ class Manifest(BaseModel):
     reasoning: ReasoningConfig = Field(default_factory=lambda: ReasoningConfig())  # thinking format, effort presets
     # Sampling defaults for fields a request leaves out (as Ollama's Modelfile PARAMETERs).
     defaults: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
+    speculative: SpeculativeConfig = Field(default_factory=lambda: SpeculativeConfig())  # off unless set
 
 
 class ManifestError(Exception):

@@ -189,4 +189,5 @@ def engine_config(settings: Settings, manifest: Manifest, device: torch.device) 
         max_num_batched_tokens=s.max_num_batched_tokens, enable_prefix_caching=s.enable_prefix_caching,
         quantization=quant, int8_scheme=s.int8_scheme, cpu_kernels=s.cpu_kernels,
         kernel_cache=s.models_dir / "kernels.json", extra_eos_tokens=tuple(manifest.eos_tokens),
+        spec_max_batch=s.speculative_max_batch,
     )

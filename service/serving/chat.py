@@ -11,7 +11,7 @@ from service.engine.types import GenerationRequest
 from service.pool.manifest import Task
 from service.serving.budget import TokenBudget
 from service.serving.job import ChatJob, Stage
-from service.serving.params import check_sequences, check_token_ids, sampling_params
+from service.serving.params import check_sequences, check_token_ids, sampling_params, speculative_params
 from service.serving.stages import GroundingStage, ReasoningStage
 
 
@@ -63,6 +63,7 @@ def _tokenize(job: ChatJob) -> list[int]:
 async def prepare_chat(body, lm, settings, rag_store) -> PreparedChat:
     """400s for anything wrong with the request, before it reaches the engine."""
     _check_request(body, lm)
+    speculative = speculative_params(body, settings, lm.manifest)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     budget = TokenBudget(lm.max_model_len, body.max_completion_tokens or body.max_tokens, settings.max_tokens_default)
     job = ChatJob(body, lm, messages, budget)
@@ -74,6 +75,6 @@ async def prepare_chat(body, lm, settings, rag_store) -> PreparedChat:
     answer = budget.answer_tokens(len(prompt_ids))
     # The engine's limit covers thinking and answer; the reasoning controller bounds the thought.
     params = sampling_params(body, answer + budget.thinking, body.logprobs, body.top_logprobs or 0,
-                             lm.manifest.defaults, **job.sampling_overrides)
+                             lm.manifest.defaults, **{"speculative": speculative, **job.sampling_overrides})
     check_sequences(1, params.n, settings.max_sequences_per_request)  # n, or reasoning.samples
     return PreparedChat(job, GenerationRequest(prompt_ids, params, controller_factory=job.controller_factory))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from service.api.errors import APIError
 from service.engine.types import GenerationRequest
 from service.serving.budget import TokenBudget
-from service.serving.params import check_sequences, check_token_ids, sampling_params
+from service.serving.params import check_sequences, check_token_ids, sampling_params, speculative_params
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # legacy completions without max_tokens
 
@@ -36,6 +36,7 @@ async def prepare_completions(body, lm, settings) -> PreparedCompletions:
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (the prompt and "
                        "its logprobs, nothing generated)", param="max_tokens")
+    speculative = speculative_params(body, settings, lm.manifest)
     tok = lm.tokenizer
     prompts = split_prompts(body.prompt)
     check_sequences(len(prompts), body.n, settings.max_sequences_per_request)  # before any tokenizing
@@ -52,7 +53,8 @@ async def prepare_completions(body, lm, settings) -> PreparedCompletions:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         budget = TokenBudget(lm.max_model_len, body.max_tokens, OPENAI_DEFAULT_MAX_TOKENS, param="prompt")
         params = sampling_params(body, budget.answer_tokens(len(ids)), body.logprobs is not None, body.logprobs or 0,
-                                 lm.manifest.defaults, prompt_logprobs=prompt_top)
+                                 lm.manifest.defaults, prompt_logprobs=prompt_top,
+                                 speculative=speculative)
         requests.append(GenerationRequest(prompt_token_ids=ids, sampling=params))
         # the prompt as given (OpenAI, vLLM); token-id prompts decoded
         texts.append((p if isinstance(p, str) else tok.decode(ids)) if body.echo else "")

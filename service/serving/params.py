@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from service.api.errors import APIError
-from service.engine.types import SamplingParams
+from service.engine.types import SamplingParams, SpeculativeParams
 
 
 def check_sequences(num_prompts: int, n: int, limit: int) -> None:
@@ -22,6 +22,24 @@ def check_token_ids(body, vocab: int) -> None:
     bad = [t for t in body.stop_token_ids or () if t >= vocab]
     if bad:
         raise APIError(400, f"stop_token_ids must be in [0, {vocab}); got {bad[0]}", param="stop_token_ids")
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def speculative_params(body, settings, manifest) -> SpeculativeParams | None:
+    """The request's speculative decoding, field by field: the request's `speculative` > the setting
+    (FRONTIER_SPECULATIVE_METHOD unless "auto"; FRONTIER_SPECULATIVE_NUM_TOKENS) > the model
+    manifest's `speculative` > off (4 tokens). None when it resolves to off. Draft models: 400 for now."""
+    req, spec = body.speculative, manifest.speculative
+    setting = None if settings.speculative_method == "auto" else settings.speculative_method
+    method = _first(req and req.method, setting, spec.method)
+    num_tokens = _first(req and req.num_tokens, settings.speculative_num_tokens, spec.num_tokens)
+    if method == "draft":
+        raise APIError(400, "draft-model speculation is not available yet; use method ngram",
+                       param="speculative.method", code="unsupported")
+    return None if method == "off" else SpeculativeParams(method, num_tokens, req and req.model)
 
 
 def _pick(value, default, fallback):

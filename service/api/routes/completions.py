@@ -43,5 +43,6 @@ async def completions(body: CompletionRequest, request: Request):
     await collect(request, merged, choices)
     out = await asyncio.to_thread(completion_choices, body, lm.tokenizer, prep, choices)
     return {"id": cid, "object": "text_completion", "created": created, "model": lm.id, "choices": out,
-            "usage": usage(prep.num_prompt_tokens, sum(c.num_generated for c in choices.values())),
+            "usage": usage(prep.num_prompt_tokens, sum(c.num_generated for c in choices.values()),
+                           reports=[c.report for c in choices.values()]),
             "system_fingerprint": f"frontier-{lm.engine_kind}"}

@@ -14,6 +14,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_TOKEN_IDS = 256
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
+MAX_SPECULATIVE_TOKENS = 16
 
 
 class _Lenient(BaseModel):
@@ -51,6 +52,24 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class SpeculativeRequest(BaseModel):
+    """`speculative` (extension, vLLM-style): speculative decoding for this request. Fields left out
+    take the server's defaults (FRONTIER_SPECULATIVE_*, then the manifest's `speculative`); unknown
+    keys are errors. Whether a method is available is decided by the serving layer
+    (service/serving/params.py `speculative_params`), not here."""
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    method: Literal["ngram", "draft", "off"] | None = None
+    num_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_SPECULATIVE_TOKENS)] | None = None
+    model: str | None = None  # draft model id (method "draft" only)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v, info):
+        if v is not None and info.data.get("method") != "draft":
+            raise ValueError('a draft model is named only with method "draft"')
+        return v
+
+
 class _SamplingFields(_Lenient):
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
@@ -69,6 +88,7 @@ class _SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (vLLM): generate exactly max_tokens, for benchmarks
+    speculative: SpeculativeRequest | None = None  # extension: speculative decoding (see SpeculativeRequest)
     user: str | None = None
 
     @field_validator("stop")

@@ -1,6 +1,7 @@
 """Chat completion responses: one object, stream chunks, or a finished response replayed as chunks
 (self-consistency: the winner is known only after the vote). Reasoning is split from the answer
-here; reasoning token counts come from the sequences' final reports."""
+here; reasoning token counts and speculative decoding's counts (usage) come from the sequences'
+final reports."""
 
 from __future__ import annotations
 
@@ -32,9 +33,8 @@ def chat_response(prep: PreparedChat, choices: dict[int, Choice], completion_id:
     items = [{"index": c.index, "message": _message(c, plan),
               "logprobs": chat_logprobs(lm.tokenizer, c.logprobs) if logprobs else None,
               "finish_reason": c.finish_reason} for c in choices.values()]
-    reasoning_tokens = None
+    reasoning_tokens, reports = None, [c.report for c in choices.values()]
     if plan is not None:
-        reports = [c.report for c in choices.values()]
         plan.record(metrics, lm.id, reports)
         reasoning_tokens = plan.reasoning_tokens(reports)
         if plan.self_consistency:
@@ -43,7 +43,8 @@ def chat_response(prep: PreparedChat, choices: dict[int, Choice], completion_id:
             items = [{**items[winner], "index": 0}]
             out["reasoning_votes"] = votes
     out["choices"] = items
-    out["usage"] = usage(prep.num_prompt_tokens, sum(c.num_generated for c in choices.values()), reasoning_tokens)
+    out["usage"] = usage(prep.num_prompt_tokens, sum(c.num_generated for c in choices.values()), reasoning_tokens,
+                         reports)
     out.update(job.response_fields)
     return out
 
@@ -92,7 +93,7 @@ async def chat_stream(prep: PreparedChat, stream, completion_id: str, created: i
         plan.record(metrics, lm.id, reports)
         reasoning_tokens = plan.reasoning_tokens(reports)
     if include_usage:
-        yield chunk([], usage(prep.num_prompt_tokens, sum(generated), reasoning_tokens))
+        yield chunk([], usage(prep.num_prompt_tokens, sum(generated), reasoning_tokens, reports))
 
 
 async def replay(response: dict, include_usage: bool):

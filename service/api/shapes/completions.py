@@ -43,6 +43,7 @@ async def completion_stream(merged, lm, cid, created, n, prompts_text, num_promp
 
     tok = lm.tokenizer
     generated: dict[int, int] = {}
+    reports: dict[int, dict | None] = {}  # final reports per choice (speculative decoding's counts)
     sent: dict[int, int] = {}  # characters of text sent so far per choice (echo included)
     prompt_lps: dict[int, list] = {}  # prompt index -> its prompt logprobs (n choices share them)
     async for idx, out in merged:
@@ -61,8 +62,9 @@ async def completion_stream(merged, lm, cid, created, n, prompts_text, num_promp
         sent[idx] += len(out.text)
         reason = None
         if out.finished:
+            reports[idx] = out.report
             reason = "length" if out.finish_reason.value == "length" else "stop"
         if text or out.finished or out.logprobs:
             yield chunk([{"index": idx, "text": text, "finish_reason": reason, "logprobs": lps}])
     if include_usage:
-        yield chunk([], usage(num_prompt, sum(generated.values())))
+        yield chunk([], usage(num_prompt, sum(generated.values()), reports=reports.values()))
