@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     speculative_method: Literal["auto", "off", "ngram"] = "auto"
     speculative_num_tokens: int | None = Field(default=None, ge=1, le=16)  # overrides the manifests' num_tokens
     # Nobody speculates while more sequences than this decode in one step (it stops paying under load).
-    speculative_max_batch: int = Field(default=4, ge=0)
+    speculative_max_batch: int = Field(default=1, ge=0)
     memory_budget_bytes: int = 8 * 1024**3  # weights of all loaded models together
     api_key: str | None = None  # one key with every scope: "Authorization: Bearer <key>"
     max_request_bytes: int = 8 * 1024 * 1024  # any body, chunked or not (413 above)

@@ -43,7 +43,7 @@ class EngineConfig:
     kernel_cache: Path | None = None  # where measured kernel choices are cached (JSON)
     extra_eos_tokens: tuple[str, ...] = ()  # token strings that also end generation (manifest eos_tokens)
     # native: no sequence speculates while more than this many decode in one step (bench/speculative.py)
-    spec_max_batch: int = 4
+    spec_max_batch: int = 1
 
     def __post_init__(self) -> None:
         # Accept plain values where callers naturally have them ("int8", a list of tokens).

@@ -63,6 +63,7 @@ class NativeEngine(ThreadedEngine):
         self.runner = ModelRunner(model, num_blocks, bs)
         self.device = self.runner.device
         self.speculation = Speculation(config.spec_max_batch)
+        self.runner.row_exact_max = config.spec_max_batch  # verify rows compute as plain decode rows
         self._num_requests = 0  # requests added and not finished (worker thread only)
         self._stats: dict[str, float] = {}
         self.num_steps = 0

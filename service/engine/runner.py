@@ -4,7 +4,8 @@ Tokens of all scheduled sequences are concatenated: decode rows first, then pref
 layer writes the new K/V into the pool at `slot_mapping`, then attends per group of rows:
   - decode group: one query token per row; rows are batched, the kv heads' query heads are folded
     into the query-length axis ([B, Hkv, rep, D]) so GQA needs no K/V repeat; a speculating
-    sequence's last token and proposals are one row each (service/engine/spec_step.py);
+    sequence's last token and proposals are one row each (service/engine/spec_step.py); while few
+    sequences decode, each row is its own call (numerics independent of the batch);
   - prefill group: each chunk attends causally to its cached prefix + itself (padded if several).
 A group's K/V are gathered block-wise with one `index_select` into a reused workspace (measured
 ~3x faster than advanced indexing into a fresh tensor on this CPU), then torch SDPA with an additive
@@ -14,7 +15,6 @@ code: the same path runs on CUDA.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from service.engine.kv_cache import allocate_kv_pool
 from service.engine.scheduler import ScheduledSeq
 
-DECODE_BUCKET_TOKENS = 128  # decode rows are padded to a multiple of this many keys (see _bucket)
 
 
 @dataclass
@@ -65,14 +64,7 @@ class PagedAttention:
         if g.pad_index is not None:
             q = q.index_select(0, g.pad_index)  # [B * T, Hq, D]
         q = q.view(B, T, hkv, rep, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, rep * T, D)
-        if T == 1:  # decode rows: plain matmul-softmax-matmul, which computes each row the same in any
-            # batch (torch's SDPA kernel does not: a row's result varies with its neighbours' masks;
-            # nor does a batched matmul over strided operands, hence the contiguous copies)
-            k, v = kv[0].contiguous(), kv[1].contiguous()
-            scores = torch.matmul(q.contiguous(), k.transpose(-1, -2)).mul_(D ** -0.5).add_(g.mask)
-            o = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, rep, D]
-        else:
-            o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=g.mask)  # [B, Hkv, rep*T, D]
+        o = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=g.mask)  # [B, Hkv, rep*T, D]
         o = o.view(B, hkv, rep, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, hkv * rep, D)
         return o if g.valid_rows is None else o.index_select(0, g.valid_rows)
 
@@ -92,6 +84,9 @@ class ModelRunner:
             cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
         )
         self._ws = torch.empty(0, dtype=self.dtype, device=self.device)
+        # Up to this many decoding sequences, each decode row attends in a call of its own (see run);
+        # the engine sets it to its speculation limit.
+        self.row_exact_max = 0
         # Set by each `run`: for the items whose sequence asked for prompt logprobs, the logits at the
         # chunk's positions that predict a prompt token: (item, [m, V] float32), row j = position
         # item.start + j, predicting prompt token item.start + j + 1. Empty for all other steps.
@@ -102,20 +97,11 @@ class ModelRunner:
             self._ws = torch.empty(max(numel, 2 * self._ws.numel()), dtype=self.dtype, device=self.device)
         return self._ws[:numel]
 
-    def _bucket(self, ctx: int) -> int:
-        """Blocks a decode row with `ctx` tokens of context attends over: its own need rounded up to
-        DECODE_BUCKET_TOKENS. SDPA's result depends on the padded key length, so a row's numerics
-        must follow from its own context, never from the longest row it is batched with."""
-        unit = max(1, DECODE_BUCKET_TOKENS // self.block_size)
-        need = (ctx + self.block_size - 1) // self.block_size
-        return -(-need // unit) * unit
-
-    def _group(self, rows: list[tuple[list[int], int, int]], start: int, nb: int | None = None) -> _Group:
-        """rows: (block table, first query position, query tokens) per attention row; nb: blocks
-        each row attends over (default: the longest row's)."""
+    def _group(self, rows: list[tuple[list[int], int, int]], start: int) -> _Group:
+        """rows: (block table, first query position, query tokens) per attention row."""
         bs, T = self.block_size, max(n for _, _, n in rows)
         B = len(rows)
-        nb = nb or max((first + n + bs - 1) // bs for _, first, n in rows)
+        nb = max((first + n + bs - 1) // bs for _, first, n in rows)
         block_ids, q_pos, ctx, pad_index, valid_rows, offset = [], [], [], [], [], 0
         for row, (table, first, n) in enumerate(rows):
             need = (first + n + bs - 1) // bs
@@ -148,10 +134,12 @@ class ModelRunner:
         """Forward the step. Returns (the items that sample, their next-token logits float32): one row
         per item, in order, except an item with proposed tokens (num_spec k), which gets k + 1 rows
         (after its last accepted token and after each proposed token)."""
-        # Decode rows: one query token each, a speculating sequence's last token and proposals one
-        # row per token (each attending to its own prefix), in buckets of equal padded length, so a
-        # row computes exactly what it would alone or in any batch (verification then matches plain
-        # decoding token for token). Prefill chunks follow, one group.
+        # Decode rows: one query token each; a speculating sequence's last token and proposals are one
+        # row per token, each attending to its own prefix. While few sequences decode (where
+        # speculation runs) every row is its own attention call over its own context: torch's SDPA
+        # result for a row otherwise varies with its neighbours (their masks, the batch's padded
+        # length), and verification must compute exactly what plain decoding computes, token for
+        # token. Above that, one batched call. Prefill chunks follow.
         decode = [it for it in batch if it.num_tokens == 1 or it.num_spec]
         prefill = [it for it in batch if it.num_tokens > 1 and not it.num_spec]
         bs = self.block_size
@@ -163,21 +151,22 @@ class ModelRunner:
             positions.append(pos)
             input_ids.append(it.seq.token_ids[pos] if pos < base else it.seq.spec_tokens[pos - base])
 
-        rows = sorted(((it, it.start + j) for it in decode for j in range(it.num_tokens)),
-                      key=lambda r: self._bucket(r[1] + 1))
-        flat = {}  # (item, position) -> index in the flat batch
+        rows = [(it, it.start + j) for it in decode for j in range(it.num_tokens)]
         groups = []
-        for key, members in itertools.groupby(rows, key=lambda r: self._bucket(r[1] + 1)):
-            members = list(members)
-            groups.append(self._group([(it.seq.block_table, pos, 1) for it, pos in members], len(input_ids), key))
-            for it, pos in members:
-                flat[(id(it), pos)] = len(input_ids)
+        if len(decode) <= self.row_exact_max:
+            for it, pos in rows:
+                groups.append(self._group([(it.seq.block_table, pos, 1)], len(input_ids)))
                 add(it, pos)
+        elif rows:
+            groups.append(self._group([(it.seq.block_table, pos, 1) for it, pos in rows], 0))
+            for it, pos in rows:
+                add(it, pos)
+        offset = 0  # decode rows sit in item order, num_tokens each
         for it in decode:
             if it.samples:
-                first = it.start + it.num_tokens - it.num_spec - 1
-                logits_index += [flat[(id(it), pos)] for pos in range(first, it.start + it.num_tokens)]
+                logits_index += range(offset + it.num_tokens - it.num_spec - 1, offset + it.num_tokens)
                 samplers.append(it)
+            offset += it.num_tokens
         if prefill:
             prefill_rows = [(it.seq.block_table, it.start, it.num_tokens) for it in prefill]
             groups.append(self._group(prefill_rows, len(input_ids)))
