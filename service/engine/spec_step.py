@@ -1,8 +1,9 @@
 """Speculative decoding in the native engine's step: propose before scheduling, verify after the
 forward (service/engine/speculative.py has the proposers and why verification is lossless).
 
-A speculating sequence is scheduled as its last accepted token plus its proposed tokens, one causal
-chunk in the mixed batch; its k + 1 logits rows are then sampled one at a time through the
+A speculating sequence is scheduled as its last accepted token plus its proposed tokens, one decode
+row each in the mixed batch (service/engine/runner.py: each attends to its own prefix, computed as
+plain decoding computes it); its k + 1 logits rows are then sampled one at a time through the
 sequence's own state machine (penalties, controllers, stop checks, its seeded generator), accepting
 while the emitted token equals the proposal. The scheduler then keeps the KV of the accepted
 tokens and gives back blocks taken only for rejected ones.
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 
 class Speculation:
     def __init__(self, max_batch: int):
-        # Above this many decoding sequences a step is no longer memory-bound on the weights:
-        # proposed tokens then cost about what they may save, so nobody speculates.
+        # Above this many decoding sequences nobody speculates: proposed tokens then cost about what
+        # they save (bench/speculative.py), and rows would lose their own attention calls.
         self.max_batch = max_batch
         self.stats = SpecStats()
 

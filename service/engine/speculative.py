@@ -1,7 +1,7 @@
 """Speculative decoding: proposers, the adaptive draft length, and lossless verification.
 
 A proposer guesses the next few tokens of a sequence; the target model scores the last accepted
-token plus the k guesses in one forward (a causal chunk, like a prefill), which gives k + 1
+token plus the k guesses in one forward (one decode row each), which gives k + 1
 next-token distributions. Verification walks them in order: row j's token is drawn from the
 target exactly as plain decoding would draw it (same sampler, penalties, controllers, and the
 sequence's own generator), then accepted; while it equals guess j + 1 the next row is still valid.
