@@ -163,7 +163,8 @@ def test_smollm2_cpu_kernels_track_fp32(smol, fp32_greedy, cpu_kernels, int8_sch
 def test_smollm2_int8_on_avx2_kernels(smol):
     """The AVX2-only CPU's kernel paths (no VNNI: fbgemm, ATen and oneDNN restricted to AVX2), run on
     any x86 CPU in a subprocess, so the suite cannot pass on one CPU family and fail on another:
-    int8 in the scheme auto picks there (a7w8r), fp16 weights, and the kernels measured there."""
+    int8 in the scheme auto picks there (a7w8r), fp16 weights, the kernels measured there, and
+    speculative decoding's greedy identity on that int8 path."""
     from service.modeling.int8_linear import Int8Scheme, default_scheme, kernel_saturates
 
     if kernel_saturates():  # this CPU already runs the AVX2 path: the test above covered it
@@ -172,10 +173,12 @@ def test_smollm2_int8_on_avx2_kernels(smol):
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
            "ONEDNN_MAX_CPU_ISA": "AVX2", "FRONTIER_TEST_MODEL_DIR": str(smol[0])}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          f"{__file__}::test_smollm2_cpu_kernels_track_fp32", "-k", "int8-a7w8r or fp16-auto or auto-auto"],
+                          f"{__file__}::test_smollm2_cpu_kernels_track_fp32",
+                          f"{__file__}::test_smollm2_speculative_greedy_is_token_identical",
+                          "-k", "int8-a7w8r or fp16-auto or auto-auto or speculative"],
                          env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=600)
-    assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "4 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
 
 EXTRACTIVE = ("Source: The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is "
