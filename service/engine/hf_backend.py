@@ -22,7 +22,7 @@ from service.engine.sampler import sample
 from service.engine.sequence import SequenceState
 from service.engine.threaded import ThreadedEngine
 from service.engine.types import (
-    EngineOverloaded, FinishReason, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
+    FinishReason, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ class HFEngine(ThreadedEngine):
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.eos_token_ids = frozenset(eos_token_ids)
-        model_limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        self.max_model_len = min(x for x in (model_limit, config.max_model_len) if x) \
-            if (model_limit or config.max_model_len) else 2048
+        limits = [x for x in (getattr(getattr(model, "config", None), "max_position_embeddings", None),
+                              config.max_model_len) if x]
+        self.max_model_len = min(limits) if limits else 2048
         self.max_waiting = config.max_waiting
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.kernels = kernels or {"backend": "transformers", "dtype": dtype}
@@ -70,10 +70,7 @@ class HFEngine(ThreadedEngine):
         vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
         if vocab and n and (min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab):
             raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {vocab}).")
-        # Sequences, not requests (see NativeEngine._validate); an empty queue always takes one.
-        pending = self._num_waiting_seqs + self._num_queued_seqs() + num_ahead
-        if pending and pending + req.sampling.n > self.max_waiting:
-            raise EngineOverloaded(f"{pending} sequences are waiting (limit {self.max_waiting}); try again shortly")
+        self._check_queue(self._num_waiting_seqs, req, num_ahead)
 
     def stats(self) -> dict[str, float]:
         return {

@@ -141,20 +141,19 @@ class BlockManager:
         """Give back blocks past the seq's tokens (taken for proposals that were rejected)."""
         keep = self.num_blocks_for(len(seq.token_ids))
         while len(seq.block_table) > keep:
-            bid = seq.block_table.pop()
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_ids[bid] = None
+            self._release(seq.block_table.pop())
+
+    def _release(self, bid: int) -> None:
+        block = self.blocks[bid]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {bid} freed twice"
+        if block.ref_count == 0:
+            self.free_ids[bid] = None
 
     def free(self, seq) -> None:
         # Release in reverse so the tail (least shared, least likely reused) is evicted first.
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {bid} freed twice"
-            if block.ref_count == 0:
-                self.free_ids[bid] = None
+            self._release(bid)
         seq.block_table.clear()
         seq.block_hashes.clear()
 

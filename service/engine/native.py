@@ -27,7 +27,7 @@ from service.engine.sequence import SequenceState
 from service.engine.spec_step import Speculation
 from service.engine.threaded import ThreadedEngine
 from service.engine.types import (
-    EngineOverloaded, GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
+    GenerationRequest, RequestOutput, RequestTooLarge, TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,7 @@ class NativeEngine(ThreadedEngine):
         vocab = self.model.config.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {vocab}).")
-        # Sequences, not requests: one request of many prompts x n must not fill the queue for
-        # everyone. An empty queue always takes one request (it would otherwise never fit).
-        pending = self.scheduler.num_waiting + self._num_queued_seqs() + num_ahead
-        if pending and pending + req.sampling.n > self.max_waiting:
-            raise EngineOverloaded(f"{pending} sequences are waiting (limit {self.max_waiting}); try again shortly")
+        self._check_queue(self.scheduler.num_waiting, req, num_ahead)
 
     # ---- worker thread hooks ----
     def _add(self, req: GenerationRequest) -> None:

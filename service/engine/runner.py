@@ -24,7 +24,6 @@ from service.engine.kv_cache import allocate_kv_pool
 from service.engine.scheduler import ScheduledSeq
 
 
-
 @dataclass
 class _Group:
     start: int  # first flat token of the group
@@ -152,15 +151,13 @@ class ModelRunner:
             input_ids.append(it.seq.token_ids[pos] if pos < base else it.seq.spec_tokens[pos - base])
 
         rows = [(it, it.start + j) for it in decode for j in range(it.num_tokens)]
-        groups = []
-        if len(decode) <= self.row_exact_max:
-            for it, pos in rows:
-                groups.append(self._group([(it.seq.block_table, pos, 1)], len(input_ids)))
-                add(it, pos)
-        elif rows:
-            groups.append(self._group([(it.seq.block_table, pos, 1) for it, pos in rows], 0))
-            for it, pos in rows:
-                add(it, pos)
+        attn_rows = [(it.seq.block_table, pos, 1) for it, pos in rows]
+        if len(decode) <= self.row_exact_max:  # rows sit first in the flat batch: row i is token i
+            groups = [self._group([r], i) for i, r in enumerate(attn_rows)]
+        else:
+            groups = [self._group(attn_rows, 0)] if rows else []
+        for it, pos in rows:
+            add(it, pos)
         offset = 0  # decode rows sit in item order, num_tokens each
         for it in decode:
             if it.samples:

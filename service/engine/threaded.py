@@ -20,7 +20,7 @@ import threading
 import time
 from typing import AsyncIterator
 
-from service.engine.types import FinishReason, GenerationRequest, RequestOutput
+from service.engine.types import EngineOverloaded, FinishReason, GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ class ThreadedEngine(abc.ABC):
         """Raise RequestTooLarge / EngineOverloaded before a request is queued (event loop thread).
         `num_ahead`: sequences of requests admitted together with this one but not queued yet."""
 
+    def _check_queue(self, waiting_seqs: int, req: GenerationRequest, num_ahead: int) -> None:
+        """The waiting-queue bound every engine applies: sequences, not requests (one request of many
+        prompts x n must not fill the queue for everyone), counting the engine's waiting sequences,
+        the inbox and `num_ahead`. An empty queue always takes one request (it would never fit)."""
+        pending = waiting_seqs + self._num_queued_seqs() + num_ahead
+        if pending and pending + req.sampling.n > self.max_waiting:
+            raise EngineOverloaded(f"{pending} sequences are waiting (limit {self.max_waiting}); try again shortly")
+
     def _num_queued_seqs(self) -> int:
         """Sequences of requests in the inbox, not yet seen by the worker (any thread)."""
         with self._inbox.mutex:
@@ -110,8 +118,7 @@ class ThreadedEngine(abc.ABC):
             self._streams.clear()  # a worker that outlived the join publishes to no one
         for request_id, stream in streams:
             for i in sorted(stream.unfinished):
-                out = RequestOutput(request_id, i, "", [], finished=True, finish_reason=FinishReason.ERROR,
-                                    error=message)
+                out = _error_output(request_id, i, message)
                 try:
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
                 except RuntimeError:  # that consumer's event loop is closed already
@@ -214,8 +221,7 @@ class ThreadedEngine(abc.ABC):
                 stream = streams.get(rid)
                 ended = {o.index for o in outputs if o.request_id == rid}
                 for i in sorted(stream.unfinished - ended) if stream is not None else ():
-                    outputs.append(RequestOutput(rid, i, "", [], finished=True, finish_reason=FinishReason.ERROR,
-                                                 error=message))
+                    outputs.append(_error_output(rid, i, message))
         try:
             self._after_failed_step()
         except Exception:
@@ -227,7 +233,12 @@ class ThreadedEngine(abc.ABC):
         reached the engine's state (failed in `_add`): end that many sequences from here."""
         dropped = self._drop(request_id)
         if num_seqs and not dropped:
-            dropped = [RequestOutput(request_id, i, "", []) for i in range(num_seqs)]
+            return [_error_output(request_id, i, message) for i in range(num_seqs)]
         for out in dropped:
             out.finish_reason, out.error, out.finished = FinishReason.ERROR, message, True
         return dropped
+
+
+def _error_output(request_id: str, index: int, message: str) -> RequestOutput:
+    """The final output of a sequence the engine could not finish."""
+    return RequestOutput(request_id, index, "", [], finished=True, finish_reason=FinishReason.ERROR, error=message)

@@ -43,7 +43,7 @@ from service.engine.output_processor import token_logprobs
 from service.engine.sampler import sample
 from service.engine.sequence import SequenceState
 from service.engine.threaded import ThreadedEngine
-from service.engine.types import EngineOverloaded, GenerationRequest, RequestOutput, RequestTooLarge
+from service.engine.types import GenerationRequest, RequestOutput, RequestTooLarge
 from service.pool.manifest import Manifest, Task
 from service.pool.pool import LoadedModel
 
@@ -109,9 +109,7 @@ class ScriptedEngine(ThreadedEngine):
                                   f"length is {self.max_model_len} tokens; at least 1 token must be generated.")
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= self.vocab_size:
             raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {self.vocab_size}).")
-        pending = len(self._waiting) + self._num_queued_seqs() + num_ahead
-        if pending and pending + req.sampling.n > self.max_waiting:
-            raise EngineOverloaded(f"{pending} sequences are waiting (limit {self.max_waiting}); try again shortly")
+        self._check_queue(len(self._waiting), req, num_ahead)
 
     # ---- worker thread hooks ----
     def _add(self, req: GenerationRequest) -> None:
