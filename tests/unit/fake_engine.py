@@ -231,6 +231,12 @@ def _manifest(model_id: str, task: Task, tmp_path) -> Manifest:
                     source={"kind": "local", "path": str(tmp_path)})
 
 
+def scripted_app(tmp_path, tokenizer, script, **engine_kw):
+    """(a ScriptedEngine for `script`, the app around it)."""
+    engine = ScriptedEngine(tokenizer, script, **engine_kw)
+    return engine, build_app(tmp_path, engine)
+
+
 def build_app(tmp_path, engine=None, embedder=None, **settings):
     """create_app with only the fakes: an empty manifests dir (nothing real can load), the chat
     engine as CHAT (task chat) and the embedder as EMBED, both registered, loaded and pinned."""

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.fake_engine import CHAT, ScriptedEngine, build_app, run, sse_events, user
+from tests.unit.fake_engine import CHAT, run, scripted_app, sse_events, user
 
 SCRIPT = "Hello from the script, twice over."
 
 
 @pytest.fixture
 def make(tmp_path, chat_tokenizer):
-    def build(script=SCRIPT, **engine_kw):
-        engine = ScriptedEngine(chat_tokenizer, script, **engine_kw)
-        return engine, build_app(tmp_path, engine)
-
-    return build
+    return lambda script=SCRIPT, **engine_kw: scripted_app(tmp_path, chat_tokenizer, script, **engine_kw)
 
 
 def ids(tokenizer, text: str) -> list[int]:

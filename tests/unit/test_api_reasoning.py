@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.fake_engine import ScriptedEngine, build_app, metric, run, sse_events, user
+from tests.unit.fake_engine import metric, run, scripted_app, sse_events, user
 
 THOUGHT, ANSWER = "2 plus 2 is 4, so the sum is 4.", "The answer is 4."
 REPLY = f"<think>{THOUGHT}</think>{ANSWER}"
@@ -15,11 +15,7 @@ REPLY = f"<think>{THOUGHT}</think>{ANSWER}"
 
 @pytest.fixture
 def make(tmp_path, chat_tokenizer):
-    def build(script=REPLY, **engine_kw):
-        engine = ScriptedEngine(chat_tokenizer, script, **engine_kw)
-        return engine, build_app(tmp_path, engine)
-
-    return build
+    return lambda script=REPLY, **engine_kw: scripted_app(tmp_path, chat_tokenizer, script, **engine_kw)
 
 
 def thinking_tokens(tokenizer, reply: str) -> int:
