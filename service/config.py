@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from service.engine.config import DEFAULT_KV_CACHE_BYTES, Quantization  # torch-free
+from service.engine.config import DEFAULT_KV_CACHE_BYTES, MAX_SPECULATIVE_TOKENS, Quantization  # torch-free
 
 REPO_MANIFESTS = Path(__file__).resolve().parent.parent / "models"
 
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     # Speculative decoding defaults (native engine): auto = each manifest's `speculative`; off / ngram
     # override every manifest. A request's `speculative` wins over both (service/serving/params.py).
     speculative_method: Literal["auto", "off", "ngram"] = "auto"
-    speculative_num_tokens: int | None = Field(default=None, ge=1, le=16)  # overrides the manifests' num_tokens
+    speculative_num_tokens: int | None = Field(default=None, ge=1, le=MAX_SPECULATIVE_TOKENS)  # overrides the manifests' num_tokens
     # Nobody speculates while more sequences than this decode in one step (it stops paying under load).
     speculative_max_batch: int = Field(default=1, ge=0)
     memory_budget_bytes: int = 8 * 1024**3  # weights of all loaded models together

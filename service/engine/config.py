@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+MAX_SPECULATIVE_TOKENS = 16  # most tokens one speculative step may propose (request, setting, manifest)
 DEFAULT_KV_CACHE_BYTES = 512 * 1024 * 1024  # the native engine's paged KV pool per model
 INT8_SCHEMES = ("auto", "a8w8", "a7w8r")  # service/modeling/int8_linear.py (a7w8: bench only)
 CPU_KERNELS = ("auto", "int8", "fp16")  # service/modeling/cpu_kernels.py

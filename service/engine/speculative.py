@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from service.engine.config import MAX_SPECULATIVE_TOKENS
+
 MIN_NGRAM, MAX_NGRAM = 1, 4  # suffix lengths looked up, longest first
 
 
@@ -83,7 +85,7 @@ class AdaptiveLength:
 class SpecStats:
     """Engine-wide counters with vLLM's meaning (spec_decode_num_*)."""
 
-    def __init__(self, max_positions: int = 16):
+    def __init__(self, max_positions: int = MAX_SPECULATIVE_TOKENS):
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0

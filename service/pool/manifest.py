@@ -9,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from service.engine.config import Quantization  # the one quantization enum (torch-free)
+from service.engine.config import MAX_SPECULATIVE_TOKENS, Quantization  # torch-free
 
 
 class Task(str, enum.Enum):
@@ -74,7 +74,7 @@ class SpeculativeConfig(BaseModel):
     service/serving/params.py `speculative_params`). Draft models are not available yet."""
     model_config = ConfigDict(extra="forbid")
     method: Literal["off", "ngram"] = "off"  # ngram: prompt lookup (the native engine; others ignore it)
-    num_tokens: int = Field(default=4, ge=1, le=16)  # most tokens proposed per step
+    num_tokens: int = Field(default=4, ge=1, le=MAX_SPECULATIVE_TOKENS)  # most tokens proposed per step
 
     @field_validator("method", mode="before")
     @classmethod

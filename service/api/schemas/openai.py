@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.engine.config import MAX_SPECULATIVE_TOKENS  # torch-free
 
 # Bounds of the engine's integer types: anything past them is a 400 naming the field, never an
 # overflow inside a batched engine step (which would fail every request in the batch).
@@ -14,7 +15,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_TOKEN_IDS = 256
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
-MAX_SPECULATIVE_TOKENS = 16
 
 
 class _Lenient(BaseModel):
