@@ -62,6 +62,36 @@ def _quantize(model, config: EngineConfig, tokenizer, limit: int) -> dict[str, A
     return prepare_for_cpu(model, tokenizer, limit, config.int8_scheme, config.cpu_kernels, config.kernel_cache)
 
 
+def load_tokenizer(model_dir):
+    """The tokenizer of a model directory or GGUF file."""
+    from transformers import AutoTokenizer
+
+    from service.modeling.loader import find_gguf
+
+    path = Path(model_dir)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_native_model(model_dir, device: torch.device | str, dtype: torch.dtype, config: EngineConfig,
+                      tokenizer=None):
+    """(model, tokenizer, kernels): a Llama-family model (safetensors dir or GGUF) built, quantized as
+    `config` says and ready to run (the engine's target, or a draft model for one)."""
+    from service.modeling.loader import load_model, read_config
+
+    path = Path(model_dir)
+    cfg = read_config(path)  # raises UnsupportedArchitecture before any weight is read
+    limit = min(cfg.max_position_embeddings, config.max_model_len or cfg.max_position_embeddings)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+    model = load_model(path, device, dtype, max_positions=limit)
+    kernels: dict[str, Any] = {"quantization": "none", "dtype": str(dtype).removeprefix("torch.")}
+    if config.quantization is not Quantization.NONE:
+        kernels.update(_quantize(model, config, tokenizer, limit))
+    return model, tokenizer, kernels
+
+
 def load_native_engine(model_dir, device: torch.device | str, dtype: torch.dtype,
                        config: EngineConfig | None = None) -> NativeEngine:
     """Load a Llama-family model (safetensors dir or GGUF) into a NativeEngine.
@@ -69,23 +99,12 @@ def load_native_engine(model_dir, device: torch.device | str, dtype: torch.dtype
     quantization int8 on CPU: each linear shape gets the faster of int8 and fp16-weight kernels,
     measured at load (or forced by cpu_kernels; cached in kernel_cache): service/modeling/cpu_kernels.py.
     Raises `service.modeling.loader.UnsupportedArchitecture` for models the native code cannot run."""
-    from transformers import AutoTokenizer
-
-    from service.modeling.loader import find_gguf, load_model, read_config
+    from service.modeling.loader import find_gguf
 
     config = config or EngineConfig()
     path = Path(model_dir)
-    cfg = read_config(path)  # raises UnsupportedArchitecture before any weight is read
-    limit = min(cfg.max_position_embeddings, config.max_model_len or cfg.max_position_embeddings)
+    model, tokenizer, kernels = load_native_model(path, device, dtype, config)
     gguf = find_gguf(path)
-    if gguf is not None:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    model = load_model(path, device, dtype, max_positions=limit)
-    kernels: dict[str, Any] = {"quantization": "none", "dtype": str(dtype).removeprefix("torch.")}
-    if config.quantization is not Quantization.NONE:
-        kernels.update(_quantize(model, config, tokenizer, limit))
     eos = resolve_eos(tokenizer, _generation_eos(path if gguf is None else gguf.parent), config.extra_eos_tokens)
     return NativeEngine(model, tokenizer, eos, config, kernels)
 

@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 import torch
 
-from service.engine.config import EngineConfig
+from service.engine.config import MAX_SPECULATIVE_TOKENS, EngineConfig
+from service.engine.draft import DraftModel
 from service.engine.kv_cache import BlockManager, kv_bytes_per_block
 from service.engine.output_processor import token_logprobs
 from service.engine.runner import ModelRunner
@@ -69,6 +70,14 @@ class NativeEngine(ThreadedEngine):
         self.num_steps = 0
         self._update_stats(0.0, 0, 0)
 
+    def attach_draft(self, model_id: str, model) -> None:
+        """Make `model` (a service/modeling model of this engine's tokenizer, on its device) available
+        to requests with speculative method "draft" and model `model_id`. Any thread: the worker
+        reads the dict entry only for requests admitted after this returns."""
+        c = self.config
+        self.speculation.drafts[model_id] = DraftModel.for_target(
+            model_id, model, self.kv_capacity_tokens, c.max_num_seqs, c.block_size, MAX_SPECULATIVE_TOKENS)
+
     # ---- admission (event loop thread) ----
     def _validate(self, req: GenerationRequest, num_ahead: int = 0) -> None:
         n = len(req.prompt_token_ids)
@@ -104,6 +113,8 @@ class NativeEngine(ThreadedEngine):
 
     def _drop(self, request_id: str) -> list[RequestOutput]:
         seqs = self.scheduler.abort(request_id)
+        for s in seqs:
+            self.speculation.release(s)
         outs = [s.payload.abort() for s in seqs if not s.payload.finished]
         if seqs:
             self._num_requests -= 1
@@ -238,6 +249,7 @@ class NativeEngine(ThreadedEngine):
     def _release(self, seq: Sequence) -> None:
         """A finished sequence gives back its blocks; the last of its request ends the request."""
         self.scheduler.finish(seq)
+        self.speculation.release(seq)
         if all(s.payload.finished for s in seq.siblings):
             self._num_requests -= 1
 

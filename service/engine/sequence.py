@@ -33,7 +33,7 @@ class SequenceState:
         self.forced: collections.deque[int] = collections.deque()
         self.prompt_lps: list[TokenLogprob | None] | None = None  # native: prompt logprobs being gathered
         spec = p.speculative
-        self.spec = (SequenceSpeculation(spec.method, spec.num_tokens)
+        self.spec = (SequenceSpeculation(spec.method, spec.num_tokens, spec.model)
                      if speculates and spec is not None and spec.enabled else None)
 
     @property

@@ -1,5 +1,6 @@
 """Speculative decoding in the native engine's step: propose before scheduling, verify after the
-forward (service/engine/speculative.py has the proposers and why verification is lossless).
+forward (service/engine/speculative.py has the proposers and why verification is lossless;
+service/engine/draft.py the draft models).
 
 A speculating sequence is scheduled as its last accepted token plus its proposed tokens, one decode
 row each in the mixed batch (service/engine/runner.py: each attends to its own prefix, computed as
@@ -15,8 +16,9 @@ import logging
 
 import torch
 
+from service.engine.draft import DraftModel
 from service.engine.sampler import sample
-from service.engine.scheduler import Scheduler, ScheduledSeq
+from service.engine.scheduler import Scheduler, ScheduledSeq, Sequence
 from service.engine.speculative import SpecStats
 from service.engine.types import RequestOutput
 
@@ -29,18 +31,41 @@ class Speculation:
         # they save (bench/speculative.py), and rows would lose their own attention calls.
         self.max_batch = max_batch
         self.stats = SpecStats()
+        self.drafts: dict[str, DraftModel] = {}  # draft model id -> its model and KV (NativeEngine.attach_draft)
 
     def propose(self, scheduler: Scheduler) -> None:
+        """Set each decoding sequence's spec_tokens: n-gram lookups one by one, then one batched
+        round per draft model. A draft that fails proposes nothing this step; the target goes on."""
         decoding = [s for s in scheduler.running if not s.is_prefilling]
         busy = len(decoding) > self.max_batch
+        drafting: dict[str, list[tuple[Sequence, int]]] = {}
         for seq in decoding:
+            seq.spec_tokens = []
             st = seq.payload
             if busy or st.spec is None or st.finished or st.forced:
-                seq.spec_tokens = []
                 continue
             out = st.out  # room after the next token: max_tokens, then the context
             room = min(out.params.max_tokens - out.num_generated, out.max_model_len - len(seq.token_ids)) - 1
-            seq.spec_tokens = st.spec.propose(seq.token_ids, room)
+            k = st.spec.num_to_propose(room)
+            if k and st.spec.proposer is not None:
+                seq.spec_tokens = st.spec.proposer.propose(seq.token_ids, k)
+            elif k and st.spec.draft in self.drafts:
+                drafting.setdefault(st.spec.draft, []).append((seq, k))
+        for draft_id, wants in drafting.items():
+            draft = self.drafts[draft_id]
+            try:
+                proposals = draft.propose(wants)
+            except Exception:
+                log.exception("draft model %s failed to propose; this step runs without it", draft_id)
+                draft.reset()
+                continue
+            for seq, _ in wants:
+                seq.spec_tokens = proposals.get(id(seq), [])
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence that finished or was aborted gives back its draft KV."""
+        for draft in self.drafts.values():
+            draft.release(seq)
 
     @staticmethod
     def split(samplers: list[ScheduledSeq], logits: torch.Tensor):

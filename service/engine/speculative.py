@@ -123,20 +123,22 @@ def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: int, generator: to
 
 
 class SequenceSpeculation:
-    """One sequence's speculation: its proposer, adaptive length and counts (for its report)."""
+    """One sequence's speculation: its method (an n-gram proposer of its own, or the id of a draft
+    model the engine holds), adaptive length and counts (for its report)."""
 
-    def __init__(self, method: str, num_tokens: int):
-        if method != "ngram":
-            raise ValueError(f"speculative method {method!r} is not available in this engine")
-        self.proposer = NgramProposer()
+    def __init__(self, method: str, num_tokens: int, draft: str | None = None):
+        if method not in ("ngram", "draft") or (method == "draft" and not draft):
+            raise ValueError(f"speculative method {method!r} (draft {draft!r}) is not available in this engine")
+        self.proposer = NgramProposer() if method == "ngram" else None
+        self.draft = draft if method == "draft" else None
         self.length = AdaptiveLength(num_tokens)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
-    def propose(self, tokens: list[int], room: int) -> list[int]:
-        """At most `room` tokens (what max_tokens and the context leave after the next token)."""
-        k = min(self.length.current(), room)
-        return self.proposer.propose(tokens, k) if k > 0 else []
+    def num_to_propose(self, room: int) -> int:
+        """This step's draft length: the adaptive one, within `room` (what max_tokens and the context
+        leave after the next token). Call once per step (a paused sequence counts down)."""
+        return max(0, min(self.length.current(), room))
 
     def record(self, proposed: int, accepted: int) -> None:
         self.num_draft_tokens += proposed
