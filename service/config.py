@@ -63,9 +63,10 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=64, ge=1)  # sequences running in one step
     max_num_batched_tokens: int = Field(default=256, ge=1)  # tokens per step: decode rows + prefill chunks
     enable_prefix_caching: bool = True  # reuse computed prompt blocks across requests
-    # Speculative decoding defaults (native engine): auto = each manifest's `speculative`; off / ngram
-    # override every manifest. A request's `speculative` wins over both (service/serving/params.py).
-    speculative_method: Literal["auto", "off", "ngram"] = "auto"
+    # Speculative decoding defaults (native engine): auto = each manifest's `speculative`; off / ngram /
+    # draft override every manifest. A request's `speculative` wins over both (service/serving/params.py).
+    speculative_method: Literal["auto", "off", "ngram", "draft"] = "auto"
+    speculative_model: str | None = None  # the draft model for method draft (default: the manifest's)
     speculative_num_tokens: int | None = Field(default=None, ge=1, le=MAX_SPECULATIVE_TOKENS)  # overrides the manifests' num_tokens
     # Nobody speculates while more sequences than this decode in one step (it stops paying under load).
     speculative_max_batch: int = Field(default=1, ge=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from service.engine.config import MAX_SPECULATIVE_TOKENS, Quantization  # torch-free
 
@@ -71,10 +71,18 @@ class ReasoningConfig(BaseModel):
 
 class SpeculativeConfig(BaseModel):
     """Speculative decoding defaults for this model (requests and FRONTIER_SPECULATIVE_* override;
-    service/serving/params.py `speculative_params`). Draft models are not available yet."""
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["off", "ngram"] = "off"  # ngram: prompt lookup (the native engine; others ignore it)
+    service/serving/params.py `speculative_params`). Native engine only; others ignore it."""
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # ngram: prompt lookup | draft: `model` proposes (a manifest model of the same tokenizer)
+    method: Literal["off", "ngram", "draft"] = "off"
     num_tokens: int = Field(default=4, ge=1, le=MAX_SPECULATIVE_TOKENS)  # most tokens proposed per step
+    model: str | None = None  # the draft model's id (pulled with this model by `frontier pull`)
+
+    @model_validator(mode="after")
+    def _draft_named(self):
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative method draft needs `model`: the draft model's id")
+        return self
 
     @field_validator("method", mode="before")
     @classmethod

@@ -8,10 +8,12 @@ unpinned model with no request in flight is unloaded first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from service.config import Settings
@@ -20,6 +22,7 @@ from service.engine.fresh_thread import run_in_fresh_thread
 from service.engine.protocols import Embedder, Tokenizer
 from service.engine.types import Engine
 from service.pool.device import resolve_device, resolve_dtype
+from service.pool.drafts import DraftUnavailable, default_draft, load_draft
 from service.pool.manifest import Manifest, ManifestError, Registry, Task
 from service.pool.sources import is_pulled, model_dir
 
@@ -48,6 +51,9 @@ class LoadedModel:
     engine_kind: str = ""
     pinned: bool = False
     in_flight: int = 0
+    drafts: set[str] = field(default_factory=set)  # draft models attached to the engine (speculative decoding)
+    draft_errors: dict[str, str] = field(default_factory=dict)  # drafts that cannot serve it, and why
+    attach_draft: Callable[[str], Awaitable[None]] | None = None  # the pool's loader of drafts for this model
     last_used: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -103,11 +109,13 @@ class ModelPool:
                 raise ModelNotFound(
                     f"model {model_id!r} is known but not pulled; run `frontier pull {model_id}` first")
             path = model_dir(self.settings.models_dir, m)
-            size = weights_size(path)
+            draft = self._default_draft(m)
+            size = weights_size(path) + (draft[2] if draft else 0)
             await self._make_room(size, model_id)
             t0 = time.monotonic()
-            lm = await run_in_fresh_thread(self._load_sync, m, path, size, name=f"load-{model_id}")
+            lm = await run_in_fresh_thread(self._load_sync, m, path, size, draft, name=f"load-{model_id}")
             lm.pinned = pinned
+            lm.attach_draft = functools.partial(self.attach_draft, lm)
             if lm.engine is not None:
                 await lm.engine.start()
             self.loaded[model_id] = lm
@@ -115,10 +123,10 @@ class ModelPool:
                      size / 1e6, time.monotonic() - t0)
             return lm
 
-    async def _make_room(self, size: int, model_id: str) -> None:
+    async def _make_room(self, size: int, model_id: str, keep: str | None = None) -> None:
         budget = self.settings.memory_budget_bytes
         while sum(x.size_bytes for x in self.loaded.values()) + size > budget:
-            idle = [x for x in self.loaded.values() if not x.pinned and x.in_flight == 0]
+            idle = [x for x in self.loaded.values() if not x.pinned and x.in_flight == 0 and x.id != keep]
             if not idle:
                 used = sum(x.size_bytes for x in self.loaded.values())
                 raise PoolFull(
@@ -133,8 +141,54 @@ class ModelPool:
             await lm.engine.shutdown()
         log.info("unloaded %s", model_id)
 
-    def _load_sync(self, m: Manifest, path: Path, size: int) -> LoadedModel:
-        lm = LoadedModel(manifest=m, path=path, size_bytes=size)
+    # ---- draft models (speculative decoding) ----
+    def _default_draft(self, m: Manifest) -> tuple[Manifest, Path, int] | None:
+        """The pulled draft the settings or m's manifest name by default: (manifest, dir, size)."""
+        draft_id = default_draft(self.settings, m)
+        dm = self.registry.manifests.get(draft_id) if draft_id else None
+        if dm is None or not is_pulled(self.settings.models_dir, dm):
+            if draft_id:
+                log.warning("%s: default draft model %r is unknown or not pulled; requests that do not name "
+                            "a method run without speculation", m.id, draft_id)
+            return None
+        path = model_dir(self.settings.models_dir, dm)
+        return dm, path, weights_size(path)
+
+    async def attach_draft(self, lm: LoadedModel, draft_id: str) -> None:
+        """Load `draft_id` into lm's engine, once. DraftUnavailable when it cannot draft for lm
+        (remembered: the answer does not change until a restart)."""
+        if draft_id in lm.drafts:
+            return
+        if draft_id in lm.draft_errors:
+            raise DraftUnavailable(lm.draft_errors[draft_id])
+        dm = self.registry.manifests.get(draft_id)
+        if dm is None:
+            raise DraftUnavailable(f"unknown draft model {draft_id!r}; known models: {', '.join(self.registry.ids())}")
+        if not is_pulled(self.settings.models_dir, dm):
+            raise DraftUnavailable(f"draft model {draft_id!r} is known but not pulled; run `frontier pull {draft_id}`")
+        async with self._lock:
+            if draft_id in lm.drafts:
+                return
+            path = model_dir(self.settings.models_dir, dm)
+            size = weights_size(path)
+            await self._make_room(size, draft_id, keep=lm.id)
+            await run_in_fresh_thread(self._attach_sync, lm, dm, path, size, name=f"draft-{draft_id}")
+        if draft_id in lm.draft_errors:
+            raise DraftUnavailable(lm.draft_errors[draft_id])
+
+    def _attach_sync(self, lm: LoadedModel, dm: Manifest, path: Path, size: int) -> None:
+        try:
+            load_draft(lm.engine, lm.id, dm, path, self.device, self.dtype, engine_config(self.settings, dm, self.device))
+        except DraftUnavailable as exc:
+            lm.draft_errors[dm.id] = str(exc)
+            log.warning("%s", exc)
+            return
+        lm.drafts.add(dm.id)
+        lm.size_bytes += size
+        log.info("%s: draft model %s attached for speculative decoding", lm.id, dm.id)
+
+    def _load_sync(self, m: Manifest, path: Path, size: int, draft=None) -> LoadedModel:
+        lm = LoadedModel(manifest=m, path=path, size_bytes=size - (draft[2] if draft else 0))
         if m.task == Task.EMBEDDING:
             from service.pool.embedder import Embedder as SentenceEmbedder
 
@@ -145,6 +199,8 @@ class ModelPool:
         lm.tokenizer = lm.engine.tokenizer
         if m.chat_template:
             lm.tokenizer.chat_template = m.chat_template
+        if draft is not None:
+            self._attach_sync(lm, *draft)
         return lm
 
     def _load_engine(self, m: Manifest, path: Path) -> tuple[Engine, str]:

@@ -11,7 +11,7 @@ from service.engine.types import GenerationRequest
 from service.pool.manifest import Task
 from service.serving.budget import TokenBudget
 from service.serving.job import ChatJob, Stage
-from service.serving.params import check_sequences, check_token_ids, sampling_params, speculative_params
+from service.serving.params import check_sequences, check_token_ids, resolve_speculative, sampling_params
 from service.serving.stages import GroundingStage, ReasoningStage
 
 
@@ -63,7 +63,7 @@ def _tokenize(job: ChatJob) -> list[int]:
 async def prepare_chat(body, lm, settings, rag_store) -> PreparedChat:
     """400s for anything wrong with the request, before it reaches the engine."""
     _check_request(body, lm)
-    speculative = speculative_params(body, settings, lm.manifest)
+    speculative = await resolve_speculative(body, settings, lm)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     budget = TokenBudget(lm.max_model_len, body.max_completion_tokens or body.max_tokens, settings.max_tokens_default)
     job = ChatJob(body, lm, messages, budget)

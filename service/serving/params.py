@@ -6,6 +6,7 @@ import dataclasses
 
 from service.api.errors import APIError
 from service.engine.types import SamplingParams, SpeculativeParams
+from service.pool.drafts import DraftUnavailable
 
 
 def check_sequences(num_prompts: int, n: int, limit: int) -> None:
@@ -30,16 +31,42 @@ def _first(*values):
 
 def speculative_params(body, settings, manifest) -> SpeculativeParams | None:
     """The request's speculative decoding, field by field: the request's `speculative` > the setting
-    (FRONTIER_SPECULATIVE_METHOD unless "auto"; FRONTIER_SPECULATIVE_NUM_TOKENS) > the model
-    manifest's `speculative` > off (4 tokens). None when it resolves to off. Draft models: 400 for now."""
+    (FRONTIER_SPECULATIVE_METHOD unless "auto"; FRONTIER_SPECULATIVE_NUM_TOKENS / _MODEL) > the model
+    manifest's `speculative` > off (4 tokens). None when it resolves to off."""
     req, spec = body.speculative, manifest.speculative
     setting = None if settings.speculative_method == "auto" else settings.speculative_method
     method = _first(req and req.method, setting, spec.method)
     num_tokens = _first(req and req.num_tokens, settings.speculative_num_tokens, spec.num_tokens)
-    if method == "draft":
-        raise APIError(400, "draft-model speculation is not available yet; use method ngram",
-                       param="speculative.method", code="unsupported")
-    return None if method == "off" else SpeculativeParams(method, num_tokens, req and req.model)
+    if method != "draft":
+        if req and req.model:
+            raise APIError(400, f"speculative.model names a draft model, but the method is {method!r}; "
+                           'use method "draft"', param="speculative.model")
+        return None if method == "off" else SpeculativeParams(method, num_tokens)
+    model = (req and req.model) or settings.speculative_model or spec.model
+    if not model:
+        raise APIError(400, f"model {manifest.id!r} has no default draft model; name one in speculative.model",
+                       param="speculative.model", code="draft_unavailable")
+    return SpeculativeParams("draft", num_tokens, model)
+
+
+async def resolve_speculative(body, settings, lm) -> SpeculativeParams | None:
+    """speculative_params, with a draft model loaded into lm's engine (once). A draft the request
+    asked for that cannot serve this model (another tokenizer, unknown, not pulled, an engine
+    without drafts) is a 400 naming both; a default draft that cannot runs without speculation
+    (the pool logged why at load)."""
+    spec = speculative_params(body, settings, lm.manifest)
+    if spec is None or spec.method != "draft" or spec.model in lm.drafts:
+        return spec
+    asked = body.speculative is not None and (body.speculative.method == "draft" or body.speculative.model)
+    try:
+        if lm.attach_draft is None:
+            raise DraftUnavailable(f"model {lm.id!r} cannot load draft models")
+        await lm.attach_draft(spec.model)
+    except DraftUnavailable as exc:
+        if asked:
+            raise APIError(400, str(exc), param="speculative.model", code="draft_unavailable") from None
+        return None
+    return spec
 
 
 def _pick(value, default, fallback):

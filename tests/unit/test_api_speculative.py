@@ -9,6 +9,7 @@ import pytest
 
 from service.engine.types import SpeculativeParams
 from service.metrics import _EngineStatsCollector
+from service.pool.drafts import DraftUnavailable
 from service.pool.manifest import Manifest, SpeculativeConfig
 from tests.unit.fake_engine import CHAT, ScriptedEngine, build_app, metric, run, sse_events, user
 
@@ -125,14 +126,59 @@ def test_invalid_speculative_fields_are_400s_naming_the_field(make, route, spec,
     assert engine.requests == []
 
 
+def with_drafts(app, usable=("d1", "d2")):
+    """The pool's draft loader, faked: ids in `usable` attach; others are refused naming both models."""
+    lm = app.state.frontier.pool.loaded[CHAT]
+    calls = []
+
+    async def attach(draft_id):
+        calls.append(draft_id)
+        if draft_id not in usable:
+            raise DraftUnavailable(f"draft model {draft_id!r} cannot draft for {CHAT!r}: their vocabularies differ")
+        lm.drafts.add(draft_id)
+
+    lm.attach_draft = attach
+    return calls
+
+
+DRAFT_CASES = [  # (request's speculative, settings, manifest's speculative) -> what the engine gets
+    ({"method": "draft", "model": "d1"}, {}, None, SpeculativeParams("draft", 4, "d1")),
+    ({"model": "d2"}, {}, {"method": "draft", "model": "d1"}, SpeculativeParams("draft", 4, "d2")),  # request > manifest
+    (None, {}, {"method": "draft", "model": "d1", "num_tokens": 5}, SpeculativeParams("draft", 5, "d1")),
+    (None, {"speculative_model": "d2"}, {"method": "draft", "model": "d1"}, SpeculativeParams("draft", 4, "d2")),
+    (None, {"speculative_method": "draft", "speculative_model": "d2"}, {"method": "ngram"},
+     SpeculativeParams("draft", 4, "d2")),
+    ({"method": "ngram"}, {}, {"method": "draft", "model": "d1"}, SpeculativeParams("ngram", 4)),
+    (None, {}, {"method": "draft", "model": "bad"}, OFF),  # a default draft that cannot serve: plain decoding
+]
+
+
 @pytest.mark.parametrize("route", ROUTES)
-def test_draft_method_is_unsupported_for_now(make, route):
-    engine, app = make({"method": "ngram"}, speculative_method="ngram")
-    r, = run(app, post(route, {"speculative": {"method": "draft", "model": "smollm2-135m-instruct"}}))
+@pytest.mark.parametrize("requested,config,manifest_spec,expected", DRAFT_CASES)
+def test_draft_precedence_and_loading(make, route, requested, config, manifest_spec, expected):
+    engine, app = make(manifest_spec, **config)
+    calls = with_drafts(app)
+    r, = run(app, post(route, {} if requested is None else {"speculative": requested}))
+    assert r.status_code == 200, r.text
+    assert engine.requests[0].sampling.speculative == expected
+    assert calls == ([expected.model] if expected and expected.model else ["bad"] if expected is OFF else [])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("spec,loader,words", [
+    ({"method": "draft", "model": "bad"}, True, ["'bad' cannot draft for", CHAT]),  # another tokenizer
+    ({"method": "draft"}, True, ["has no default draft model"]),  # nothing names one
+    ({"method": "draft", "model": "d1"}, False, ["cannot load draft models"]),  # an engine without drafts
+])
+def test_a_draft_that_cannot_be_used_is_a_400(make, route, spec, loader, words):
+    engine, app = make()
+    if loader:
+        with_drafts(app)
+    r, = run(app, post(route, {"speculative": spec}))
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert (err["param"], err["code"]) == ("speculative.method", "unsupported")
-    assert "use method ngram" in err["message"]
+    assert (err["param"], err["code"]) == ("speculative.model", "draft_unavailable")
+    assert all(w in err["message"] for w in words), err
     assert engine.requests == []
 
 
@@ -235,6 +281,7 @@ def test_manifest_section_is_typed():
     base = {"id": "m", "task": "chat", "architecture": "llama", "license": "x", "source": {"kind": "local", "path": "."}}
     assert Manifest(**base).speculative == SpeculativeConfig(method="off", num_tokens=4)
     assert Manifest(**base, speculative={"method": False}).speculative.method == "off"  # YAML's bare `off`
+    assert Manifest(**base, speculative={"method": "draft", "model": "d"}).speculative.model == "d"
     for bad in ({"method": "draft"}, {"num_tokens": 0}, {"method": "ngram", "extra": 1}):
         with pytest.raises(ValueError):
             Manifest(**base, speculative=bad)

@@ -65,8 +65,8 @@ class SpeculativeRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v, info):
-        if v is not None and info.data.get("method") != "draft":
-            raise ValueError('a draft model is named only with method "draft"')
+        if v is not None and info.data.get("method") not in (None, "draft"):
+            raise ValueError('a draft model is named only with method "draft" (or the default method)')
         return v
 
 
