@@ -1,20 +1,22 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, over the OpenAI API.
+"""Speculative decoding (n-gram prompt lookup, a draft model) against plain decoding, over the OpenAI API.
 
 One server; three prompt sets (bench/data/speculative_prompts.yaml): extractive (sources in the
 prompt, an answer that quotes them), code edit (a ~40-line function returned with a small change),
-open chat (short open questions). Each set runs with `speculative: {"method": "off"}` and
-`{"method": "ngram", "num_tokens": k}` at each concurrency level, greedy (temperature 0), requests
-= max(prompts, streams) with the prompts cycled. Before a set is measured its prompts run once for
-8 tokens with each method (discarded), so that both find the prompts in the prefix cache and
-run warm; then off and ngram alternate `--repeats` times and the median run (by tok/s) is kept.
+open chat (short open questions). Each set runs with `speculative: {"method": "off"}`,
+`{"method": "ngram", "num_tokens": k}` and `{"method": "draft", "model": <--draft>, "num_tokens": k}`
+(--methods) at each concurrency level, greedy (temperature 0), requests = max(prompts, streams)
+with the prompts cycled. Before a set is measured its prompts run once for 8 tokens with each method
+(discarded), so that all find the prompts in the prefix cache and run warm (and the draft is
+loaded); then the methods alternate `--repeats` times and the median run (by tok/s) is kept.
 
-Reported per set / method / streams: tok/s (completion tokens / wall time), ngram/off, acceptance
+Reported per set / method / streams: tok/s (completion tokens / wall time), method/off, acceptance
 (accepted / draft tokens, from usage.completion_tokens_details.{accepted,rejected}_prediction_tokens),
 accepted tokens per draft (deltas of frontier_spec_decode_num_accepted_tokens_total /
 frontier_spec_decode_num_drafts_total in /metrics; tokens per verify step = 1 + that) and how many
 greedy texts differ from the same request without speculation.
 
-    .venv/bin/python bench/speculative.py [--num-tokens 4] [--max-tokens 128] [--streams 1,8] [--repeats 3]
+    .venv/bin/python bench/speculative.py [--methods off,ngram,draft] [--draft smollm2-135m-draft] [--num-tokens 4]
+        [--max-tokens 128] [--streams 1,8] [--repeats 3]
     .venv/bin/python bench/speculative.py --max-tokens 32 --streams 1 --limit 2 --repeats 1   # smoke run
 
 FRONTIER_* variables in the environment reach the server (FRONTIER_DEVICE, FRONTIER_QUANTIZATION...).
@@ -135,7 +137,9 @@ def table(points: list[dict]) -> list[list]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--num-tokens", type=int, default=4, help="k: most tokens the n-gram proposer drafts per step")
+    ap.add_argument("--num-tokens", type=int, default=4, help="k: most tokens proposed per step")
+    ap.add_argument("--methods", default="off,ngram,draft", help="off is always measured (the baseline)")
+    ap.add_argument("--draft", default="smollm2-135m-draft", help="the draft model of method draft")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,8", help="concurrency levels (a smoke run: --streams 1)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts per set (smoke runs)")
@@ -144,7 +148,10 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
     sets = load_sets(args.limit)
-    methods = {"off": {"method": "off"}, "ngram": {"method": "ngram", "num_tokens": args.num_tokens}}
+    k = args.num_tokens
+    known = {"off": {"method": "off"}, "ngram": {"method": "ngram", "num_tokens": k},
+             "draft": {"method": "draft", "model": args.draft, "num_tokens": k}}
+    methods = {m: known[m] for m in ["off", *(x for x in args.methods.split(",") if x != "off")]}
     points = []
     with Server({"FRONTIER_MODELS": json.dumps([args.model])}, log_name="speculative") as srv:
         for name, prompts in sets.items():
@@ -152,7 +159,7 @@ def main() -> None:
                 asyncio.run(batch(srv.base_url, args.model, prompts, spec, 1, 8))
             for streams in levels:
                 runs = {m: [] for m in methods}
-                for _ in range(args.repeats):  # off and ngram alternate: drift on a shared machine hits both
+                for _ in range(args.repeats):  # the methods alternate: drift on a shared machine hits all
                     for method, spec in methods.items():
                         p = measure(srv.base_url, args.model, name, prompts, method, spec, streams, args.max_tokens)
                         runs[method].append(p)
@@ -160,16 +167,17 @@ def main() -> None:
                 for method, ps in runs.items():  # the median run by tok/s
                     points.append(sorted(ps, key=lambda p: p["tok_s"])[len(ps) // 2])
     rows = table(points)
-    write_markdown(args.out_name, f"Speculative decoding: n-gram prompt lookup (k={args.num_tokens}) vs off",
-                   ["set", "method", "streams", "requests", "errors", "completion tokens", "tok/s", "ngram/off",
+    write_markdown(args.out_name, f"Speculative decoding: {', '.join(m for m in methods if m != 'off')} "
+                   f"(k={k}) vs off",
+                   ["set", "method", "streams", "requests", "errors", "completion tokens", "tok/s", "vs off",
                     "acceptance", "accepted/draft", "texts differing from off"], rows,
-                   f"{args.model}, one server, temperature 0, max_tokens {args.max_tokens}, median of {args.repeats} "
+                   f"{args.model} (draft: {args.draft}), one server, temperature 0, max_tokens {args.max_tokens}, median of {args.repeats} "
                    "alternating runs, prompts per set: "
                    f"{', '.join(f'{k} {len(v)}' for k, v in sets.items())} (requests = max(prompts, streams)). "
                    "tok/s = completion tokens / wall time of the batch; acceptance = accepted / draft tokens "
                    "(usage); accepted/draft = accepted tokens per draft from /metrics (a verify step emits "
                    "1 + that). Shared machine: read the ratios.")
-    print_json({"bench": "speculative", "model": args.model, "num_tokens": args.num_tokens,
+    print_json({"bench": "speculative", "model": args.model, "draft": args.draft, "num_tokens": k,
                 "max_tokens": args.max_tokens, "streams": levels, "repeats": args.repeats,
                 "points": [{k: v for k, v in p.items() if k != "texts"} for p in points]})
 
