@@ -5,7 +5,8 @@ Each target sequence has a draft view (a scheduler `Sequence` in the draft's own
 that keeps the draft's KV of the tokens it has seen. A proposal round:
   1. catch up: the view takes the target's tokens; its KV stays valid up to the longest prefix it
      shares with them (accepted proposals keep theirs, rejected ones are recomputed over), and the
-     tokens past it are one prefill chunk (usually the 1-2 tokens verification added);
+     tokens past it are one prefill chunk (usually the 1-2 tokens verification added; a long
+     prompt is caught up on in chunks over several steps, the sequence proposing nothing meanwhile);
   2. k - 1 more decode rows, one per proposed token (the k-th proposal needs no KV).
 A greedy proposal is a point mass, so verification by drawing from the target is the exact
 rejection rule (service/engine/speculative.py): the draft changes speed, never the output. The
@@ -33,20 +34,21 @@ class _View(Sequence):
 
 
 class DraftModel:
-    def __init__(self, model_id: str, model, num_blocks: int, block_size: int):
+    def __init__(self, model_id: str, model, num_blocks: int, block_size: int, max_chunk: int = 256):
         self.id, self.model = model_id, model
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(model, num_blocks, block_size)  # batched attention: speed over exactness
+        self.max_chunk = max_chunk  # prompt tokens a view catches up on per round (bounds a round's memory)
         self._views: dict[int, tuple[Sequence, _View]] = {}  # id(target seq) -> (target, draft view)
 
     @classmethod
     def for_target(cls, model_id: str, model, target_capacity_tokens: int, max_num_seqs: int, block_size: int,
-                   max_proposal: int) -> DraftModel:
+                   max_proposal: int, max_chunk: int = 256) -> DraftModel:
         """A KV pool that holds every token the target's pool holds plus each sequence's proposals,
         so the draft never runs out before the target does."""
         per_seq = (max_proposal + block_size - 1) // block_size + 1
         num_blocks = (target_capacity_tokens + block_size - 1) // block_size + max_num_seqs * per_seq
-        return cls(model_id, model, num_blocks, block_size)
+        return cls(model_id, model, num_blocks, block_size, max_chunk)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -56,22 +58,25 @@ class DraftModel:
                                                   self.runner.dtype)
 
     def propose(self, wants: list[tuple[Sequence, int]]) -> dict[int, list[int]]:
-        """wants: (target sequence, k >= 1). Returns {id(target sequence): up to k proposed tokens};
-        a sequence whose view finds no free blocks proposes nothing this step."""
-        batch, ks, out = [], {}, {}
+        """wants: (target sequence, k >= 1). Returns {id(target sequence): up to k proposed tokens}
+        for the sequences that propose this round: not one whose view finds no free blocks, nor one
+        still catching up on a long prompt (`max_chunk` tokens a round, as the target's prefill)."""
+        batch, ks, out, owner = [], {}, {}, {}
         for seq, k in wants:
             view = self._sync(seq)
             if not self._reserve(view, k - 1):
                 continue
-            ks[id(view)], out[id(seq)] = k, []
-            batch.append(ScheduledSeq(view, view.num_tokens - view.num_computed_tokens, view.num_computed_tokens))
-        owner = {id(self._views[t][1]): t for t in out}
+            n = min(view.num_tokens - view.num_computed_tokens, self.max_chunk)
+            batch.append(it := ScheduledSeq(view, n, view.num_computed_tokens))
+            if it.samples:
+                ks[id(view)], out[id(seq)], owner[id(view)] = k, [], id(seq)
         while batch:
             samplers, logits = self.runner.run(batch)
+            for it in batch:
+                it.seq.num_computed_tokens = it.start + it.num_tokens
             batch = []
             for it, tok in zip(samplers, logits.argmax(-1).tolist()):
                 view = it.seq
-                view.num_computed_tokens = it.start + it.num_tokens
                 proposal = out[owner[id(view)]]
                 proposal.append(tok)
                 if len(proposal) < ks[id(view)]:

@@ -76,7 +76,8 @@ class NativeEngine(ThreadedEngine):
         reads the dict entry only for requests admitted after this returns."""
         c = self.config
         self.speculation.drafts[model_id] = DraftModel.for_target(
-            model_id, model, self.kv_capacity_tokens, c.max_num_seqs, c.block_size, MAX_SPECULATIVE_TOKENS)
+            model_id, model, self.kv_capacity_tokens, c.max_num_seqs, c.block_size, MAX_SPECULATIVE_TOKENS,
+            max(c.max_num_batched_tokens, c.max_num_seqs))
 
     # ---- admission (event loop thread) ----
     def _validate(self, req: GenerationRequest, num_ahead: int = 0) -> None:

@@ -63,6 +63,19 @@ def test_the_same_model_as_draft_is_accepted_almost_always(tiny_dir):
     assert s["spec_decode_num_accepted_tokens_total"] >= 0.9 * s["spec_decode_num_draft_tokens_total"]
 
 
+def test_a_long_prompt_is_caught_up_on_in_chunks(tiny_dir):
+    plain = generate(engine_for(tiny_dir), requests(None, **GREEDY))
+    engine = engine_with_drafts(tiny_dir)
+    engine.speculation.drafts["same"].max_chunk = 3  # a 27-token prompt: many rounds before the first proposal
+    rounds = []
+    real_propose = engine.speculation.drafts["same"].propose
+    engine.speculation.drafts["same"].propose = lambda wants: rounds.append(out := real_propose(wants)) or out
+    out = generate(engine, requests(SAME, **GREEDY)[2:3])
+    assert out[0][0] == plain[2][0]
+    first = next(i for i, r in enumerate(rounds) if r)  # the view gains 3 tokens a round, the target 1
+    assert first >= 27 // 3 and all(rounds[first : first + 3]) and accepted(out) >= 10
+
+
 def test_seeded_sampling_with_penalties_and_n_gt_1_identical(tiny_dir):
     params = dict(temperature=0.5, top_k=3, seed=7, n=3, presence_penalty=0.05, repetition_penalty=1.02,
                   ignore_eos=True, logprobs=True, top_logprobs=2)
