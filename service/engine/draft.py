@@ -16,14 +16,11 @@ rejected token can ever be served to anyone.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from service.engine.kv_cache import BlockManager, kv_bytes_per_block
+from service.engine.kv_cache import BlockManager
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import ScheduledSeq, Sequence
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -49,13 +46,6 @@ class DraftModel:
         per_seq = (max_proposal + block_size - 1) // block_size + 1
         num_blocks = (target_capacity_tokens + block_size - 1) // block_size + max_num_seqs * per_seq
         return cls(model_id, model, num_blocks, block_size, max_chunk)
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        cfg = self.model.config
-        bm = self.block_manager
-        return bm.num_blocks * kv_bytes_per_block(cfg.num_layers, bm.block_size, cfg.num_kv_heads, cfg.head_dim,
-                                                  self.runner.dtype)
 
     def propose(self, wants: list[tuple[Sequence, int]]) -> dict[int, list[int]]:
         """wants: (target sequence, k >= 1). Returns {id(target sequence): up to k proposed tokens}
