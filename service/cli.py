@@ -1,10 +1,11 @@
-"""The `frontier` command: serve, pull, models."""
+"""The `frontier` command: serve, pull, models, distill."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -50,19 +51,68 @@ def pull(
     _pull_ids(settings, model_ids or settings.models, progress=True, force=force)
 
 
-def _pull_ids(settings: Settings, ids: list[str], progress: bool, force: bool) -> None:
+def _pull_ids(settings: Settings, ids: list[str], progress: bool, force: bool, drafts: bool = True) -> None:
     from service.pool.manifest import ManifestError, Registry
     from service.pool.sources import PullError
     from service.pool.sources import pull as pull_model
 
     registry = Registry(settings.manifests_dir)
-    for model_id in ids:
+    queue = list(dict.fromkeys(ids))
+    for model_id in queue:  # grows: a model's speculative draft is pulled with it
         try:
-            path = pull_model(registry.get(model_id), settings.models_dir, progress=progress, force=force)
+            m = registry.get(model_id)
+            path = pull_model(m, settings.models_dir, progress=progress, force=force, registry=registry)
         except (ManifestError, PullError) as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         typer.echo(f"{model_id}: ready at {path}", err=True)
+        draft = getattr(m.speculative, "model", None)
+        if drafts and draft and draft not in queue:
+            queue.append(draft)
+
+
+@app.command()
+def distill(
+    out: Annotated[Path, typer.Option(help="the full draft model directory to write (loadable as is)")],
+    teacher: Annotated[str, typer.Option(help="the model to distill (pulled if missing)")] = "smollm2-135m-instruct",
+    layers: Annotated[int, typer.Option(min=1, help="student layers")] = 2,
+    init: Annotated[str | None, typer.Option(help="teacher layers the student starts from, e.g. 0,29 "
+                                                  "(default: the first LAYERS)")] = None,
+    compact: Annotated[Path | None, typer.Option(help="the compact student file (trained tensors only, fp16) "
+                                                      "(default: OUT.safetensors)")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="training steps")] = 300,
+    tokens_per_step: Annotated[int, typer.Option(min=1, help="tokens per step (whole sequences)")] = 320,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (warm-up, then cosine)")] = 3e-3,
+    max_tokens: Annotated[int, typer.Option(min=1, help="longest teacher answer")] = 160,
+    seed: Annotated[int, typer.Option(help="seeds the teacher's sampling and the batches")] = 0,
+    cache: Annotated[Path | None, typer.Option(help="keep the teacher's answers and hidden states here; "
+                                                    "a rerun with the same settings reuses them")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads (0: every core)")] = 0,
+):
+    """Distill a small draft model (for speculative decoding) from a chat model, on its own answers."""
+    import json
+    import os
+
+    import torch
+
+    from service.distill.run import DistillConfig
+    from service.distill.run import distill as run_distill
+    from service.distill.train import TrainConfig
+    from service.pool.manifest import Registry
+    from service.pool.sources import model_dir
+
+    settings = _settings()
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    _pull_ids(settings, [teacher], progress=True, force=False, drafts=False)  # its draft may be what we rebuild
+    teacher_dir = model_dir(settings.models_dir, Registry(settings.manifests_dir).get(teacher))
+    cfg = DistillConfig(
+        layers=layers, init=tuple(int(i) for i in init.split(",")) if init else None, max_tokens=max_tokens,
+        kernel_cache=settings.models_dir / "kernels.json",
+        train=TrainConfig(steps=steps, tokens_per_step=tokens_per_step, lr=lr, seed=seed))
+    compact = compact or out.with_name(out.name + ".safetensors")
+    report = run_distill(teacher_dir, out, compact, cfg, teacher_id=teacher, cache=cache,
+                         log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps(report))
 
 
 @app.command("models")
