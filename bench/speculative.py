@@ -16,6 +16,7 @@ frontier_spec_decode_num_drafts_total in /metrics; tokens per verify step = 1 + 
 greedy texts differ from the same request without speculation.
 
     .venv/bin/python bench/speculative.py [--methods off,ngram,draft] [--draft smollm2-135m-draft] [--num-tokens 4]
+        [--draft-tokens 2]
         [--max-tokens 128] [--streams 1,8] [--repeats 3]
     .venv/bin/python bench/speculative.py --max-tokens 32 --streams 1 --limit 2 --repeats 1   # smoke run
 
@@ -137,7 +138,8 @@ def table(points: list[dict]) -> list[list]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--num-tokens", type=int, default=4, help="k: most tokens proposed per step")
+    ap.add_argument("--num-tokens", type=int, default=4, help="k of ngram: most tokens proposed per step")
+    ap.add_argument("--draft-tokens", type=int, default=2, help="k of draft (each proposed token costs a draft step)")
     ap.add_argument("--methods", default="off,ngram,draft", help="off is always measured (the baseline)")
     ap.add_argument("--draft", default="smollm2-135m-draft", help="the draft model of method draft")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -150,7 +152,7 @@ def main() -> None:
     sets = load_sets(args.limit)
     k = args.num_tokens
     known = {"off": {"method": "off"}, "ngram": {"method": "ngram", "num_tokens": k},
-             "draft": {"method": "draft", "model": args.draft, "num_tokens": k}}
+             "draft": {"method": "draft", "model": args.draft, "num_tokens": args.draft_tokens}}
     methods = {m: known[m] for m in ["off", *(x for x in args.methods.split(",") if x != "off")]}
     points = []
     with Server({"FRONTIER_MODELS": json.dumps([args.model])}, log_name="speculative") as srv:
@@ -168,7 +170,7 @@ def main() -> None:
                     points.append(sorted(ps, key=lambda p: p["tok_s"])[len(ps) // 2])
     rows = table(points)
     write_markdown(args.out_name, f"Speculative decoding: {', '.join(m for m in methods if m != 'off')} "
-                   f"(k={k}) vs off",
+                   f"(k={k}, draft k={args.draft_tokens}) vs off",
                    ["set", "method", "streams", "requests", "errors", "completion tokens", "tok/s", "vs off",
                     "acceptance", "accepted/draft", "texts differing from off"], rows,
                    f"{args.model} (draft: {args.draft}), one server, temperature 0, max_tokens {args.max_tokens}, median of {args.repeats} "
@@ -178,6 +180,7 @@ def main() -> None:
                    "(usage); accepted/draft = accepted tokens per draft from /metrics (a verify step emits "
                    "1 + that). Shared machine: read the ratios.")
     print_json({"bench": "speculative", "model": args.model, "draft": args.draft, "num_tokens": k,
+                "draft_tokens": args.draft_tokens,
                 "max_tokens": args.max_tokens, "streams": levels, "repeats": args.repeats,
                 "points": [{k: v for k, v in p.items() if k != "texts"} for p in points]})
 

@@ -20,6 +20,7 @@ from service.engine.loading import load_native_engine
 from service.engine.types import GenerationRequest, SamplingParams, SpeculativeParams
 from service.modeling.int8_linear import Int8Scheme
 from service.modeling.loader import load_model
+from service.pool.sources import pull
 from tests.golden.test_native_golden import _save_tiny, run
 
 QUESTIONS = [
@@ -186,12 +187,20 @@ EXTRACTIVE = ("Source: The Eiffel Tower is a wrought-iron lattice tower on the C
               "1889. It is 330 metres tall.\n\nSummarise the source in two sentences, quoting it.")
 
 
+@pytest.fixture(scope="module")
+def smol_draft(settings, registry):
+    """The shipped distilled draft, assembled from the pulled chat model (seconds)."""
+    return pull(registry.get("smollm2-135m-draft"), settings.models_dir, progress=False, registry=registry)
+
+
 @pytest.mark.slow
-def test_smollm2_speculative_greedy_is_token_identical(smol):
-    """The int8 serving path (the near-ties of issue #9 included): n-gram speculation, batched,
-    gives the same greedy tokens as plain decoding, and really accepts drafts."""
+def test_smollm2_speculative_greedy_is_token_identical(smol, smol_draft):
+    """The int8 serving path (the near-ties of issue #9 included): n-gram and distilled-draft
+    speculation, batched, give the same greedy tokens as plain decoding, and really accept drafts."""
     model_dir, _, ids = smol
     from transformers import AutoTokenizer
+
+    from service.engine.loading import load_native_model
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     extractive = tok.encode(tok.apply_chat_template([{"role": "user", "content": EXTRACTIVE}], tokenize=False,
@@ -199,17 +208,22 @@ def test_smollm2_speculative_greedy_is_token_identical(smol):
     prompts = [extractive, ids[0], ids[6], ids[17], ids[19]]
 
     # No prefix cache: a warm cache would change how the second run's prompts are chunked.
-    eng = engine(model_dir, quantization="int8", cpu_kernels="int8", spec_max_batch=8, enable_prefix_caching=False)
+    config = dict(quantization="int8", cpu_kernels="int8", spec_max_batch=8, enable_prefix_caching=False)
+    eng = engine(model_dir, **config)
+    eng.attach_draft("draft", load_native_model(smol_draft, "cpu", torch.float32, EngineConfig(**config))[0])
 
     def greedy(spec):
         return run(eng, [GenerationRequest(p, SamplingParams(max_tokens=64, temperature=0, speculative=spec))
                          for p in prompts])
 
     plain = greedy(None)
-    spec = greedy(SpeculativeParams("ngram", 4))
-    assert spec == plain, [tok.decode(o[0]) for o in spec]
-    assert eng.stats()["spec_decode_num_accepted_tokens_total"] >= 20
+    for spec in (SpeculativeParams("ngram", 4), SpeculativeParams("draft", 2, "draft")):
+        before = eng.stats()["spec_decode_num_accepted_tokens_total"]
+        out = greedy(spec)
+        assert out == plain, (spec.method, [tok.decode(o[0]) for o in out])
+        assert eng.stats()["spec_decode_num_accepted_tokens_total"] - before >= 20, spec.method
     assert eng.block_manager.num_used_blocks == 0
+    assert eng.speculation.drafts["draft"].block_manager.num_used_blocks == 0
 
 
 @pytest.mark.slow
