@@ -50,7 +50,8 @@ def check_draft_manifest(m: Manifest, target_id: str) -> None:
     if m.id == target_id:
         raise DraftUnavailable(f"model {target_id!r} cannot draft for itself; name a smaller model of its tokenizer")
     if m.task not in DRAFT_TASKS:
-        raise DraftUnavailable(f"{m.id!r} is a {m.task.value} model; a draft must be a chat or completion model")
+        raise DraftUnavailable(f"{m.id!r} cannot draft for {target_id!r}: its task is {m.task.value}; a draft "
+                               "must be a chat or completion model")
 
 
 def load_draft(engine, target_id: str, m: Manifest, path: Path, device, dtype, config) -> None:

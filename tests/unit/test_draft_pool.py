@@ -40,10 +40,10 @@ def models_root(tmp_path_factory):
         if tok:
             _tokenizer(root / "weights" / name, **tok)
     (root / "manifests").mkdir()
-    for name in ("tiny", *variants):
+    for name in ("tiny", *variants, "embed"):
         (root / "manifests" / f"{name}.yaml").write_text(yaml.safe_dump({
-            "id": name, "task": "completion", "architecture": "llama", "license": "x",
-            "source": {"kind": "local", "path": str(root / "weights" / name)}}))
+            "id": name, "task": "embedding" if name == "embed" else "completion", "architecture": "llama",
+            "license": "x", "source": {"kind": "local", "path": str(root / "weights" / ("tiny" if name == "embed" else name))}}))
     return root
 
 
@@ -87,7 +87,7 @@ def test_a_draft_of_the_same_tokenizer_gives_the_plain_output(models_root, tmp_p
 
 @pytest.mark.parametrize("draft,why", [
     ("other-vocab", "vocabularies differ"), ("other-eos", "special tokens differ"),
-    ("tiny", "cannot draft for itself"), ("nope", "unknown draft model 'nope'"),
+    ("tiny", "cannot draft for itself"), ("nope", "unknown draft model 'nope'"), ("embed", "its task is embedding"),
 ])
 def test_a_draft_that_cannot_serve_the_target_is_a_400_naming_both(models_root, tmp_path, draft, why):
     app = app_for(models_root, tmp_path)
@@ -96,7 +96,7 @@ def test_a_draft_that_cannot_serve_the_target_is_a_400_naming_both(models_root, 
     err = r.json()["error"]
     assert (err["param"], err["code"]) == ("speculative.model", "draft_unavailable")
     assert why in err["message"] and draft in err["message"]
-    if draft.startswith("other"):
+    if draft.startswith("other") or draft == "embed":
         assert "'tiny'" in err["message"]
         assert draft in lm.draft_errors  # remembered: no second load attempt
 
