@@ -144,12 +144,13 @@ def main() -> None:
     ap.add_argument("--draft", default="smollm2-135m-draft", help="the draft model of method draft")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,8", help="concurrency levels (a smoke run: --streams 1)")
+    ap.add_argument("--sets", default=",".join(SETS), help="prompt sets to run")
     ap.add_argument("--limit", type=int, default=None, help="at most this many prompts per set (smoke runs)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per set/method/streams (the median is kept)")
     ap.add_argument("--out-name", default="speculative")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
-    sets = load_sets(args.limit)
+    sets = {k: v for k, v in load_sets(args.limit).items() if k in args.sets.split(",")}
     k = args.num_tokens
     known = {"off": {"method": "off"}, "ngram": {"method": "ngram", "num_tokens": k},
              "draft": {"method": "draft", "model": args.draft, "num_tokens": args.draft_tokens}}
