@@ -5,6 +5,7 @@ the body arrives, so a chunked body without Content-Length is cut off at the lim
 depth and lone surrogates (scans of the raw bytes, so no parser ever recurses on hostile input),
 token-rate limit (limits.py). Then the checked body is replayed to the app, and the request is
 counted under its route template, never its raw path (ids in URLs would make unbounded series).
+Every response carries an `x-request-id` (the client's, when sane, else a fresh one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 
 import numpy as np
 
@@ -113,6 +115,16 @@ def _header(scope, name: bytes) -> str:
     return ""
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id(scope) -> str:
+    """The client's x-request-id when it is a sane token (it then ties the client's logs to ours),
+    else a fresh one."""
+    given = _header(scope, b"x-request-id")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def _default_to_json(scope) -> None:
     """`curl -d '{...}'` sends form encoding; like Ollama and llama.cpp, read such bodies as JSON.
     Multipart uploads (RAG files) keep their content type."""
@@ -173,12 +185,14 @@ class EdgeMiddleware:
             return
         route = self.routes.template(scope)
         state = scope.setdefault("state", {})  # request.state: routes put the resolved model here
+        state["request_id"] = rid = request_id(scope)
         status, charge = 500, None
 
         async def send_watched(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             elif charge is not None and message["type"] == "http.response.body":
                 charge.observe(message.get("body", b""))
             await send(message)

@@ -11,7 +11,9 @@ from service.engine.types import GenerationRequest
 from service.pool.manifest import Task
 from service.serving.budget import TokenBudget
 from service.serving.job import ChatJob, Stage
-from service.serving.params import check_sequences, check_token_ids, resolve_speculative, sampling_params
+from service.serving.params import (
+    check_sequences, check_token_ids, check_unsupported, resolve_speculative, sampling_params,
+)
 from service.serving.stages import GroundingStage, ReasoningStage
 
 
@@ -41,8 +43,18 @@ def render_chat(tokenizer, messages: list[dict], model_id: str, **template_kwarg
 
 
 def _check_request(body, lm) -> None:
-    if body.tools:
-        raise APIError(400, "tool calling is not supported yet", param="tools", code="unsupported")
+    check_unsupported(body)
+    for field in ("tools", "functions"):
+        if getattr(body, field):
+            raise APIError(400, "tool calling is not supported yet", param=field, code="unsupported")
+    for field in ("tool_choice", "function_call"):
+        if getattr(body, field) not in (None, "none"):
+            raise APIError(400, f"{field} {getattr(body, field)!r} needs tool calling, which is not supported yet",
+                           param=field, code="unsupported")
+    for i, m in enumerate(body.messages):
+        if m.role == "tool" or m.tool_calls:
+            raise APIError(400, "messages with tool calls or tool results are not supported yet (tool calling); "
+                           "they would be dropped from the prompt", param=f"messages.{i}", code="unsupported")
     if any(m.has_images() for m in body.messages) and lm.manifest.task != Task.VISION_CHAT:
         raise APIError(400, f"model {lm.id!r} does not accept images", param="messages",
                        code="images_not_supported")

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from service.api.errors import APIError
 from service.engine.types import GenerationRequest
 from service.serving.budget import TokenBudget
-from service.serving.params import check_sequences, check_token_ids, resolve_speculative, sampling_params
+from service.serving.params import (
+    check_sequences, check_token_ids, check_unsupported, resolve_speculative, sampling_params,
+)
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # legacy completions without max_tokens
 
@@ -36,6 +38,7 @@ async def prepare_completions(body, lm, settings) -> PreparedCompletions:
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (the prompt and "
                        "its logprobs, nothing generated)", param="max_tokens")
+    check_unsupported(body)
     speculative = await resolve_speculative(body, settings, lm)
     tok = lm.tokenizer
     prompts = split_prompts(body.prompt)

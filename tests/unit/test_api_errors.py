@@ -88,6 +88,16 @@ def test_schema_violations_are_400_naming_the_field(app, path, body, param):
 
 @pytest.mark.parametrize("path, body, param, code", [
     (CHAT_PATH, {"messages": user("x"), "tools": [{"type": "function"}]}, "tools", "unsupported"),
+    # not implemented yet, and each would change what is generated: a 400, never silently ignored
+    (CHAT_PATH, {"messages": user("x"), "response_format": {"type": "json_object"}}, "response_format", "unsupported"),
+    (COMPLETIONS, {"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format", "unsupported"),
+    (CHAT_PATH, {"messages": user("x"), "tool_choice": "required"}, "tool_choice", "unsupported"),
+    (CHAT_PATH, {"messages": user("x"), "functions": [{"name": "f"}]}, "functions", "unsupported"),
+    (CHAT_PATH, {"messages": user("x"), "function_call": {"name": "f"}}, "function_call", "unsupported"),
+    (CHAT_PATH, {"messages": [*user("x"), {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.1", "unsupported"),
+    (CHAT_PATH, {"messages": [*user("x"), {"role": "tool", "tool_call_id": "c1", "content": "4"}]}, "messages.1",
+     "unsupported"),
     (CHAT_PATH, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}, "messages",
      "images_not_supported"),
@@ -149,3 +159,23 @@ def test_unknown_route_and_method_are_envelopes(app):
     assert_envelope(missing.json(), "not_found_error")
     assert wrong_method.status_code == 405
     assert_envelope(wrong_method.json(), "invalid_request_error")
+
+
+def test_fields_that_change_nothing_are_accepted(app, engine):
+    body = {"messages": user("x"), "response_format": {"type": "text"}, "tool_choice": "none", "max_tokens": 3}
+    assert run(app, call("POST", CHAT_PATH, json=body)).status_code == 200
+
+
+@pytest.mark.parametrize("given,echoed", [("client-7f3a.retry:2", True), ("has spaces", False), ("x" * 200, False),
+                                          (None, False)])
+def test_every_response_carries_a_request_id(app, given, echoed):
+    headers = {} if given is None else {"x-request-id": given}
+
+    async def scenario(client):
+        return [await client.post(CHAT_PATH, json={"messages": user("x"), "max_tokens": 2}, headers=headers),
+                await client.post(CHAT_PATH, json={"messages": "bad"}, headers=headers),
+                await client.get("/v1/models/nope", headers=headers)]
+
+    ids = [r.headers.get("x-request-id") for r in run(app, scenario)]
+    assert all(ids) and len(set(ids)) == (1 if echoed else 3)
+    assert (ids[0] == given) is echoed
