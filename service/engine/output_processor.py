@@ -31,6 +31,9 @@ class SequenceOutput:
         self.detok = IncrementalDetokenizer(tokenizer)
         self.num_prompt_tokens = num_prompt_tokens
         self.max_model_len = max_model_len
+        # Generated tokens allowed: max_tokens, lowered by a token controller (a reasoning request's
+        # answer is bounded on its own once the thought has closed).
+        self.max_tokens = params.max_tokens
         self.token_ids: list[int] = []
         self.text = ""  # all text decoded so far (stop strings cut off)
         self.num_emitted_chars = 0
@@ -57,7 +60,7 @@ class SequenceOutput:
             self.text += self.detok.push(token_id)
             if self.params.stop and self._cut_at_stop_string():
                 self._finish(FinishReason.STOP)
-            elif self.num_generated >= self.params.max_tokens:
+            elif self.num_generated >= self.max_tokens:
                 self._finish(FinishReason.LENGTH)
             elif self.num_prompt_tokens + self.num_generated >= self.max_model_len:
                 self._finish(FinishReason.LENGTH)

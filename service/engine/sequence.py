@@ -68,8 +68,13 @@ class SequenceState:
         if lp is not None and lp.token_id != tok:
             lp = TokenLogprob(tok, float(torch.log_softmax(logits.float(), -1)[tok]), lp.top)
         delta = self.out.append(tok, lp)
-        if self.controller is not None and not self.out.finished:
-            self.forced.extend(self.controller.on_token(tok, self.out.num_generated))
+        c = self.controller
+        if c is not None and not self.out.finished:
+            self.forced.extend(c.on_token(tok, self.out.num_generated))
+            if hasattr(c, "generation_limit"):  # optional: a lower limit on the generated tokens
+                limit = c.generation_limit(self.out.params.max_tokens)
+                if limit is not None:
+                    self.out.max_tokens = min(self.out.max_tokens, max(limit, self.out.num_generated + 1))
         return self._with_report(delta)
 
     def set_prompt_logprobs(self, values: list[TokenLogprob | None]) -> None:

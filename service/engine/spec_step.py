@@ -45,7 +45,7 @@ class Speculation:
             if busy or st.spec is None or st.finished or st.forced:
                 continue
             out = st.out  # room after the next token: max_tokens, then the context
-            room = min(out.params.max_tokens - out.num_generated, out.max_model_len - len(seq.token_ids)) - 1
+            room = min(out.max_tokens - out.num_generated, out.max_model_len - len(seq.token_ids)) - 1
             k = st.spec.num_to_propose(room)
             if k and st.spec.proposer is not None:
                 seq.spec_tokens = st.spec.proposer.propose(seq.token_ids, k)

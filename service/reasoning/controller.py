@@ -54,6 +54,7 @@ class BudgetController:
         self.num_extensions = 0
         self._ids: list[int] = []
         self._closing = False  # forced end tag queued
+        self.answer_start: int | None = None  # tokens generated when the thought closed
 
     def banned_tokens(self, num_generated: int) -> list[int]:
         return []
@@ -85,6 +86,7 @@ class BudgetController:
         self._ids.append(token_id)
         if self._ended():
             self.thinking = False
+            self.answer_start = num_generated + (len(self.transition_ids) if self._closing else 0)
             return []
         if self._closing:
             return []
@@ -93,6 +95,14 @@ class BudgetController:
             self.budget_forced = True
             return list(self.end_ids) + list(self.transition_ids)
         return []
+
+    def generation_limit(self, max_tokens: int) -> int | None:
+        """The engine's max_tokens covers the thinking budget plus the answer (service/serving/chat.py);
+        once the thought has closed, the answer alone gets its own share, however early that was.
+        None while thinking."""
+        if self.answer_start is None:
+            return None
+        return self.answer_start + max(1, max_tokens - self.params.max_tokens)
 
     def _in_tag(self) -> bool:
         return bool(self._ids) and self._ids[-1] in self.end_ids[:-1]

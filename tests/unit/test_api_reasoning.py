@@ -51,6 +51,21 @@ def test_thought_and_answer_are_split_and_counted(make, chat_tokenizer, fields):
     assert "think step by step inside <think> and </think>" in prompt and prompt.endswith("<think>\n")
 
 
+@pytest.mark.parametrize("max_tokens", [3, 8])
+def test_max_tokens_bounds_the_answer_after_an_early_thought(make, chat_tokenizer, max_tokens):
+    """A short thought leaves most of the thinking budget unused: the answer still gets max_tokens,
+    not the budget's leftovers (issue #18: 'What is 2+3?' with max_tokens 8 gave 254 answer tokens)."""
+    rambling = "The answer is 4. " * 20
+    engine, app = make(f"<think>{THOUGHT}</think>{rambling}")
+    body = run(app, chat({"reasoning_effort": "low", "max_tokens": max_tokens}))[0].json()
+    n_think = thinking_tokens(chat_tokenizer, f"<think>{THOUGHT}</think>{rambling}")
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": n_think}
+    assert body["usage"]["completion_tokens"] == n_think + max_tokens
+    answer = body["choices"][0]["message"]["content"]
+    assert len(chat_tokenizer.encode(answer, add_special_tokens=False)) <= max_tokens
+
+
 def test_effort_none_is_plain_chat(make):
     engine, app = make("Just 4.")
     body = run(app, chat({"reasoning_effort": "none"}))[0].json()
