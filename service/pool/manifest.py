@@ -76,7 +76,8 @@ class ReasoningConfig(BaseModel):
     wait_cue: str | None = None  # inserted below the minimum budget (default " Wait,")
     answer_transition: str | None = None  # forced after a closed thought (default a newline)
     instruction: str | None = None  # scaffold instruction with {start} and {end}
-    efforts: dict[Literal["low", "medium", "high"], PositiveInt] = Field(default_factory=dict)  # token budgets
+    efforts: dict[Literal["minimal", "low", "medium", "high", "xhigh", "max"], PositiveInt] = Field(
+        default_factory=dict)  # token budgets of the reasoning_effort presets
 
 
 class SpeculativeConfig(BaseModel):

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 from service.api.errors import APIError
 
-DEFAULT_EFFORTS = {"low": 256, "medium": 1024, "high": 4096}
+# Thinking budgets of the effort presets (every value the OpenAI SDK sends); a model's manifest may
+# override them. A preset never takes more than half the context (ReasoningStage caps it).
+DEFAULT_EFFORTS = {"minimal": 64, "low": 256, "medium": 1024, "high": 4096, "xhigh": 8192, "max": 16384}
 STRATEGIES = ("single", "self_consistency")
 
 
@@ -19,6 +21,7 @@ class ReasoningParams:
     min_tokens: int = 0
     strategy: str = "single"
     samples: int = 1
+    preset: bool = False  # the budget came from an effort preset, not a number the request gave
 
 
 def _int(value, field: str, minimum: int) -> int:
@@ -37,7 +40,7 @@ def parse_reasoning(body, efforts: dict[str, int] | None) -> ReasoningParams | N
         if effort == "none":
             params = None
         elif effort in efforts:
-            params = ReasoningParams(max_tokens=efforts[effort])
+            params = ReasoningParams(max_tokens=efforts[effort], preset=True)
         else:
             raise APIError(400, f"'reasoning_effort' must be one of none, {', '.join(efforts)}",
                            param="reasoning_effort")
@@ -73,5 +76,5 @@ def parse_reasoning(body, efforts: dict[str, int] | None) -> ReasoningParams | N
         if min_tokens > max_tokens:
             raise APIError(400, f"'reasoning.min_tokens' ({min_tokens}) is larger than 'reasoning.max_tokens' "
                            f"({max_tokens})", param="reasoning.min_tokens")
-        params = ReasoningParams(max_tokens, min_tokens, strategy, samples)
+        params = ReasoningParams(max_tokens, min_tokens, strategy, samples, preset="max_tokens" not in r)
     return params

@@ -146,6 +146,15 @@ def test_self_consistency_streamed_replays_the_winner(make):
     assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
 
 
+@pytest.mark.parametrize("effort,thinking", [("minimal", 64), ("low", 256), ("medium", 1024), ("high", 1024),
+                                             ("xhigh", 1024), ("max", 1024)])
+def test_every_sdk_effort_value_is_a_budget_capped_at_half_the_context(make, effort, thinking):
+    engine, app = make()  # a 2048-token context: presets take at most 1024
+    r = run(app, chat({"reasoning_effort": effort, "max_tokens": 4}))[0]
+    assert r.status_code == 200, r.text
+    assert engine.requests[0].sampling.max_tokens == 4 + thinking
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"reasoning": {"max_tokens": 10, "min_tokens": 20}}, "reasoning.min_tokens"),
     ({"reasoning": {"strategy": "self_consistency", "samples": 0}}, "reasoning.samples"),

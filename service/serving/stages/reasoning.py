@@ -4,6 +4,8 @@ self-consistency's n and temperature."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from service.api.errors import APIError
 from service.reasoning.controller import ThinkingFormat
 from service.reasoning.params import parse_reasoning
@@ -23,6 +25,10 @@ class ReasoningStage:
         params = parse_reasoning(job.body, cfg.efforts)
         if params is None:  # reasoning_effort "none", thinking disabled
             return
+        if params.preset:  # a preset (xhigh, max) must not leave a long-context model's prompt no room
+            cap = max(1, job.model.max_model_len // 2)
+            params = dataclasses.replace(params, max_tokens=min(params.max_tokens, cap),
+                                         min_tokens=min(params.min_tokens, cap))
         plan = ReasoningPlan(params, ThinkingFormat.from_manifest(cfg), job.tokenizer, job.model.engine.eos_token_ids)
         if plan.self_consistency:
             if job.body.n != 1:
