@@ -41,10 +41,11 @@ class Embedder(Protocol):
 
     tokenizer: Any  # a Tokenizer that is also callable (batch encoding with truncation)
     dim: int  # embedding dimension
-    max_seq_length: int  # tokens per input; longer inputs are truncated
+    max_seq_length: int  # tokens per input; `encode` truncates longer inputs
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens each text is encoded with (after truncation), as `encode` will compute them."""
+        """Tokens each text holds (special tokens included, not truncated): the embeddings route
+        refuses inputs over max_seq_length unless the request opts into truncation."""
 
     async def encode(self, texts: list[str]) -> "torch.Tensor":
         """[len(texts), dim] float32 on the CPU, L2-normalized (cosine similarity = dot product)."""

@@ -100,7 +100,7 @@ class Embedder:
         self._scheduler = FairScheduler(self.encode_sync, slice_size)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        enc = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_seq_length)
+        enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
         return [len(ids) for ids in enc["input_ids"]]
 
     def encode_sync(self, texts: list[str]) -> torch.Tensor:

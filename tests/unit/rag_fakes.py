@@ -56,7 +56,7 @@ class TokenizerEmbedder:
         self.tokenizer, self.dim, self.max_seq_length = tokenizer, dim, max_seq_length
 
     def count_tokens(self, texts):
-        return [min(len(self.tokenizer.encode(t)), self.max_seq_length) for t in texts]
+        return [len(self.tokenizer.encode(t)) for t in texts]
 
     async def encode(self, texts):
         import torch

@@ -73,3 +73,21 @@ def test_bad_inputs_are_400(app, body, param, code):
     r = run(app, post(body))
     assert r.status_code == 400, r.text
     assert_envelope(r.json(), "invalid_request_error", code, param)
+
+
+@pytest.mark.parametrize("truncate,status,code", [(None, 400, "input_too_long"), (-1, 200, None), (16, 200, None),
+                                                  (100, 200, None), (8, 400, "unsupported")])
+def test_an_input_over_the_limit_is_a_400_unless_truncation_is_asked(tmp_path, chat_tokenizer, truncate, status,
+                                                                      code):
+    app = build_app(tmp_path, embedder=TokenizerEmbedder(chat_tokenizer, dim=32, max_seq_length=16))
+    long_text = "the lighthouse keeper " * 10
+    body = {"input": ["fresh bread", long_text]}
+    if truncate is not None:
+        body["truncate_prompt_tokens"] = truncate
+    r = run(app, post(body))
+    assert r.status_code == status, r.text
+    if code:
+        err = assert_envelope(r.json(), "invalid_request_error", code)
+        assert ("input 1 has" in err["message"]) == (code == "input_too_long")
+    else:
+        assert r.json()["usage"]["prompt_tokens"] == len(chat_tokenizer.encode("fresh bread")) + 16

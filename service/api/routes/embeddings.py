@@ -16,6 +16,21 @@ from service.pool.manifest import Task
 router = APIRouter()
 
 
+def _tokens_embedded(counts: list[int], limit: int, truncate: int | None, model_id: str) -> int:
+    """Tokens `encode` will read. An input over the model's limit is a 400 unless the request opts
+    into truncation: silently embedding part of a text gives a vector that does not mean the text."""
+    if truncate is not None and truncate != -1 and truncate < limit:
+        raise APIError(400, f"truncate_prompt_tokens below the model's limit ({limit}) is not supported; use -1 to "
+                       "embed the first tokens the model reads", param="truncate_prompt_tokens", code="unsupported")
+    too_long = [(i, n) for i, n in enumerate(counts) if n > limit]
+    if too_long and truncate is None:
+        i, n = too_long[0]
+        raise APIError(400, f"input {i} has {n} tokens; {model_id!r} embeds at most {limit}. Shorten it, or set "
+                       "truncate_prompt_tokens: -1 to embed its first tokens only", param="input",
+                       code="input_too_long")
+    return sum(min(n, limit) for n in counts)
+
+
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request):
     st = state(request)
@@ -36,7 +51,8 @@ async def embeddings(body: EmbeddingRequest, request: Request):
         raise APIError(400, "input strings must be non-empty", param="input")
     if body.dimensions is not None and body.dimensions > emb.dim:
         raise APIError(400, f"dimensions must be at most {emb.dim} for {lm.id}", param="dimensions")
-    num_tokens = sum(await asyncio.to_thread(emb.count_tokens, texts))  # what encode will compute
+    num_tokens = _tokens_embedded(await asyncio.to_thread(emb.count_tokens, texts), emb.max_seq_length,
+                                  body.truncate_prompt_tokens, lm.id)
     if num_tokens > st.settings.max_embedding_tokens:
         raise APIError(400, f"{num_tokens} input tokens; at most {st.settings.max_embedding_tokens} per request "
                        "(max_embedding_tokens)", param="input", code="too_many_tokens")

@@ -155,6 +155,9 @@ class EmbeddingRequest(_Lenient):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     user: str | None = None
+    # vLLM's opt-in: -1 embeds the first max_seq_length tokens of a longer input (else such an input
+    # is a 400); a number at least the model's limit means the same.
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
 
     @field_validator("input")
     @classmethod
