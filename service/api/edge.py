@@ -228,7 +228,7 @@ class EdgeMiddleware:
     def _admit(self, scope, route: str) -> tuple[KeyPolicy | None, APIError | None]:
         s = self.settings
         if route == "/metrics" and not s.metrics_enabled:
-            return None, APIError(404, "metrics are disabled (FRONTIER_METRICS_ENABLED)", type="not_found_error")
+            return None, APIError(404, "metrics are disabled (FRONTIER_METRICS_ENABLED)")
         policy = None
         need = required_scope(scope["method"], route, scope["path"], s.metrics_require_auth) \
             if self.keys.enabled else None
@@ -236,11 +236,11 @@ class EdgeMiddleware:
             policy = self.keys.lookup(bearer_token(scope["headers"]))
             if policy is None:
                 return None, APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                      type="authentication_error", code="invalid_api_key",
+                                      code="invalid_api_key",
                                       headers={"WWW-Authenticate": "Bearer"})
             if need not in policy.scopes:
                 return None, APIError(403, f"API key {policy.id} lacks the '{need}' scope that "
-                                      f"{scope['method']} {route} needs", type="permission_error",
+                                      f"{scope['method']} {route} needs",
                                       code="insufficient_scope")
             scope["state"]["api_key_id"] = policy.id  # for logs: never the key itself
             err = self._rate_limited(policy, 0)  # before reading the body of a client that must wait
@@ -273,7 +273,7 @@ class EdgeMiddleware:
             return None
         limit = policy.requests_per_minute if which == "requests" else policy.tokens_per_minute
         return APIError(429, f"rate limit of {limit} {which} per minute reached for API key {policy.id}; "
-                        f"retry in {wait:.1f} s", type="rate_limit_error", code="rate_limit_exceeded",
+                        f"retry in {wait:.1f} s", code="rate_limit_exceeded",
                         headers=retry_after_header(wait))
 
     def _count(self, route: str, state: dict, status: int) -> None:

@@ -17,11 +17,20 @@ from service.rag.errors import RagError
 log = logging.getLogger(__name__)
 
 
+# One error `type` per status, whichever route or layer answers (clients branch on it).
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        """OpenAI's error `type` follows from the status (error_type)."""
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type, self.param, self.code = status, message, error_type(status), param, code
         self.headers = headers
 
 
@@ -43,14 +52,14 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, RequestTooLarge):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, EngineOverloaded):
-        return APIError(429, str(exc), type="rate_limit_error", code="server_overloaded",
+        return APIError(429, str(exc), code="server_overloaded",
                         headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, PoolFull):
-        return APIError(503, str(exc), type="server_error", code="insufficient_memory")
+        return APIError(503, str(exc), code="insufficient_memory")
     if isinstance(exc, RagError):
-        return APIError(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+        return APIError(exc.status, exc.message, param=exc.param, code=exc.code)
     log.error("unhandled error", exc_info=exc)
-    return APIError(500, "internal server error", type="server_error")
+    return APIError(500, "internal server error")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -76,8 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+        return error_response(APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json(_: Request, exc: json.JSONDecodeError):

@@ -8,10 +8,6 @@ class RagError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
-    @property
-    def type(self) -> str:
-        return "not_found_error" if self.status == 404 else "invalid_request_error"
-
 
 def collection_not_found(name: str) -> RagError:
     return RagError(404, f"collection {name!r} does not exist; create it with POST /v1/rag/collections",

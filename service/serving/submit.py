@@ -42,7 +42,7 @@ async def _until(stream: AsyncIterator, deadline: float | None, timeout_s: float
                 if deadline is None:
                     raise
                 raise APIError(504, f"the request took longer than request_timeout_s={timeout_s:g}s and was stopped",
-                               type="server_error", code="request_timeout") from None
+                               code="request_timeout") from None
             yield item
     finally:
         await stream.aclose()
@@ -70,7 +70,7 @@ async def run_request(engine, greq: GenerationRequest, metrics, model_id: str,
             if out.finished:
                 metrics.finished.labels(model_id, out.finish_reason.value if out.finish_reason else "none").inc()
             if out.error:
-                raise APIError(500, f"generation failed: {out.error}", type="server_error")
+                raise APIError(500, f"generation failed: {out.error}")
             yield out
     finally:
         metrics.e2e.labels(model_id).observe(time.monotonic() - start)

@@ -38,7 +38,7 @@ def call(method, path, **kw):
 def test_unknown_model_is_404(app, engine, path, body):
     r = run(app, call("POST", path, json=body))
     assert r.status_code == 404, r.text
-    err = assert_envelope(r.json(), code="model_not_found", param="model")
+    err = assert_envelope(r.json(), "not_found_error", "model_not_found", "model")  # as GET /v1/models/{id}
     assert "nope" in err["message"]
     assert engine.requests == []
 
@@ -179,3 +179,12 @@ def test_every_response_carries_a_request_id(app, given, echoed):
     ids = [r.headers.get("x-request-id") for r in run(app, scenario)]
     assert all(ids) and len(set(ids)) == (1 if echoed else 3)
     assert (ids[0] == given) is echoed
+
+
+def test_one_error_type_per_status():
+    from service.api.errors import APIError
+
+    expected = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                503: "server_error", 504: "server_error"}
+    assert {status: APIError(status, "x").type for status in expected} == expected

@@ -56,7 +56,7 @@ async def list_models(request: Request):
 async def get_model(model_id: str, request: Request):
     st = state(request)
     if model_id not in st.pool.registry.manifests:
-        raise APIError(404, f"model {model_id!r} does not exist", type="not_found_error", param="model",
+        raise APIError(404, f"model {model_id!r} does not exist", param="model",
                        code="model_not_found")
     return _model_card(st, model_id)
 
