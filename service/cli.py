@@ -37,6 +37,7 @@ def serve(
         _pull_ids(settings, settings.models, progress=True, force=False)
     app_ = create_app(settings)
     config = uvicorn.Config(app_, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False,  # service/api/edge.py logs each request with its x-request-id
                             timeout_graceful_shutdown=settings.shutdown_grace_s)
     DrainingServer(config, app_.state.frontier.drain).run()  # SIGTERM: drain, then stop; exits 0
 

@@ -5,14 +5,17 @@ the body arrives, so a chunked body without Content-Length is cut off at the lim
 depth and lone surrogates (scans of the raw bytes, so no parser ever recurses on hostile input),
 token-rate limit (limits.py). Then the checked body is replayed to the app, and the request is
 counted under its route template, never its raw path (ids in URLs would make unbounded series).
-Every response carries an `x-request-id` (the client's, when sane, else a fresh one).
+Every response carries an `x-request-id` (the client's, when sane, else a fresh one), and the
+access log line of the request names it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import time
 import uuid
 
 import numpy as np
@@ -22,6 +25,8 @@ from service.api.errors import APIError, error_response
 from service.api.limits import RateLimiter, estimate_tokens, retry_after_header
 
 UNMATCHED = "unmatched"
+# One line per request, with its x-request-id (uvicorn's own access log is off: it cannot know the id).
+access_log = logging.getLogger("frontier.access")
 _INLINE_CHECK_BYTES = 256 * 1024
 
 
@@ -125,6 +130,11 @@ def request_id(scope) -> str:
     return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
+def _client(scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
+
+
 def _default_to_json(scope) -> None:
     """`curl -d '{...}'` sends form encoding; like Ollama and llama.cpp, read such bodies as JSON.
     Multipart uploads (RAG files) keep their content type."""
@@ -186,7 +196,7 @@ class EdgeMiddleware:
         route = self.routes.template(scope)
         state = scope.setdefault("state", {})  # request.state: routes put the resolved model here
         state["request_id"] = rid = request_id(scope)
-        status, charge = 500, None
+        status, charge, started = 500, None, time.monotonic()
 
         async def send_watched(message):
             nonlocal status
@@ -224,6 +234,9 @@ class EdgeMiddleware:
             if charge is not None:
                 charge.settle(status)
             self._count(route, state, status)
+            access_log.info('%s "%s %s" %d %.0fms model=%s request_id=%s', _client(scope), scope["method"],
+                            scope["path"], status, 1000 * (time.monotonic() - started), state.get("model") or "-",
+                            rid)
 
     def _admit(self, scope, route: str) -> tuple[KeyPolicy | None, APIError | None]:
         s = self.settings

@@ -188,3 +188,16 @@ def test_one_error_type_per_status():
                 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                 503: "server_error", 504: "server_error"}
     assert {status: APIError(status, "x").type for status in expected} == expected
+
+
+def test_the_access_log_line_names_the_request_id(app, caplog):
+    import logging
+
+    async def scenario(client):
+        return await client.post(CHAT_PATH, json={"messages": "bad"}, headers={"x-request-id": "trace-42"})
+
+    with caplog.at_level(logging.INFO, logger="frontier.access"):
+        r = run(app, scenario)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "frontier.access"]
+    assert r.status_code == 400 and any('"POST /v1/chat/completions" 400' in x and "request_id=trace-42" in x
+                                        for x in lines), lines
