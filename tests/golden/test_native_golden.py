@@ -62,14 +62,18 @@ def make_engine(path, **kw):
     return load_native_engine(path, "cpu", torch.float32, EngineConfig(max_model_len=512, max_waiting=64, **kw))
 
 
-def run(engine, reqs: list[GenerationRequest]) -> list[dict[int, list[int]]]:
-    """Generate all requests concurrently; per request, {sequence index: generated token ids}."""
+def generate(engine, reqs: list[GenerationRequest]) -> list[tuple[dict[int, list[int]], dict[int, dict]]]:
+    """Generate all requests concurrently, then shut the engine down. Per request: ({sequence index:
+    generated token ids}, {sequence index: its final report})."""
 
     async def one(req):
         toks: dict[int, list[int]] = {}
+        reports: dict[int, dict] = {}
         async for out in engine.generate(req):
             toks.setdefault(out.index, []).extend(out.token_ids)
-        return toks
+            if out.finished:
+                reports[out.index] = out.report or {}
+        return toks, reports
 
     async def all_():
         try:
@@ -78,6 +82,11 @@ def run(engine, reqs: list[GenerationRequest]) -> list[dict[int, list[int]]]:
             await engine.shutdown()
 
     return asyncio.run(all_())
+
+
+def run(engine, reqs: list[GenerationRequest]) -> list[dict[int, list[int]]]:
+    """Per request, {sequence index: generated token ids}."""
+    return [toks for toks, _ in generate(engine, reqs)]
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:

@@ -5,14 +5,12 @@ requests, with n > 1, through preemption; KV blocks all come back. A tiny random
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
 from service.engine.speculative import AdaptiveLength, NgramProposer, rejection_sample
 from service.engine.types import GenerationRequest, SamplingParams, SpeculativeParams
-from tests.golden.test_native_golden import GREEDY, _save_tiny, make_engine
+from tests.golden.test_native_golden import GREEDY, _save_tiny, generate, make_engine
 
 NGRAM = SpeculativeParams("ngram", 4)
 # Repetitive prompts: the random model falls into loops and copies, so drafts get accepted.
@@ -30,26 +28,6 @@ def tiny_dir(tmp_path_factory):
 def engine_for(tiny_dir, **kw):
     kw.setdefault("spec_max_batch", 64)  # speculate at any batch size (the load policy has its own test)
     return make_engine(tiny_dir, **kw)
-
-
-def generate(engine, reqs: list[GenerationRequest]) -> list[tuple[dict[int, list[int]], dict[int, dict]]]:
-    """Per request: ({index: token ids}, {index: final report})."""
-
-    async def one(req):
-        toks, reports = {}, {}
-        async for out in engine.generate(req):
-            toks.setdefault(out.index, []).extend(out.token_ids)
-            if out.finished:
-                reports[out.index] = out.report or {}
-        return toks, reports
-
-    async def main():
-        try:
-            return await asyncio.gather(*(one(r) for r in reqs))
-        finally:
-            await engine.shutdown()
-
-    return asyncio.run(main())
 
 
 def requests(spec, max_tokens=40, **params) -> list[GenerationRequest]:
