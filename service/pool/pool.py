@@ -109,9 +109,8 @@ class ModelPool:
                 raise ModelNotFound(
                     f"model {model_id!r} is known but not pulled; run `frontier pull {model_id}` first")
             path = model_dir(self.settings.models_dir, m)
-            draft = self._default_draft(m)
-            size = weights_size(path) + (draft[2] if draft else 0)
-            await self._make_room(size, model_id)
+            size, draft = weights_size(path), self._default_draft(m)
+            await self._make_room(size + (draft[2] if draft else 0), model_id)  # the default draft loads with it
             t0 = time.monotonic()
             lm = await run_in_fresh_thread(self._load_sync, m, path, size, draft, name=f"load-{model_id}")
             lm.pinned = pinned
@@ -188,7 +187,7 @@ class ModelPool:
         log.info("%s: draft model %s attached for speculative decoding", lm.id, dm.id)
 
     def _load_sync(self, m: Manifest, path: Path, size: int, draft=None) -> LoadedModel:
-        lm = LoadedModel(manifest=m, path=path, size_bytes=size - (draft[2] if draft else 0))
+        lm = LoadedModel(manifest=m, path=path, size_bytes=size)  # an attached draft adds its own size
         if m.task == Task.EMBEDDING:
             from service.pool.embedder import Embedder as SentenceEmbedder
 
