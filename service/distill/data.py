@@ -48,12 +48,10 @@ def split(prompts: list[str]) -> tuple[list[str], list[str]]:
 
 def render(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids exactly as the server renders a one-message chat (service/serving/chat.py)."""
-    out = []
-    for p in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True)
-        out.append(tokenizer.encode(text, add_special_tokens=False))
-    return out
+    from service.serving.chat import render_chat
+
+    return [tokenizer.encode(render_chat(tokenizer, [{"role": "user", "content": p}], "teacher"),
+                             add_special_tokens=False) for p in prompts]
 
 
 def generate(model_dir: Path, jobs: list[tuple[list[int], float]], max_tokens: int, seed: int = 0,
@@ -65,6 +63,7 @@ def generate(model_dir: Path, jobs: list[tuple[list[int], float]], max_tokens: i
     so a rerun can differ in a few tokens (the CLI's --cache keeps one run's data)."""
     from service.engine.config import EngineConfig
     from service.engine.fresh_thread import run_in_fresh_thread
+    from service.engine.kv_cache import kv_bytes_per_block
     from service.engine.loading import load_native_engine
     from service.engine.types import GenerationRequest, SamplingParams
     from service.modeling.loader import read_config
@@ -73,7 +72,8 @@ def generate(model_dir: Path, jobs: list[tuple[list[int], float]], max_tokens: i
     # A KV pool that holds every running sequence at full length: preemption (recomputing evicted
     # sequences) would cost more than the memory.
     mc = read_config(model_dir)
-    kv_bytes = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 4 * (longest + 32) * max_num_seqs
+    kv_bytes = kv_bytes_per_block(mc.num_layers, 1, mc.num_kv_heads, mc.head_dim, torch.float32) * (longest + 32) \
+        * max_num_seqs
     config = EngineConfig(max_model_len=longest, max_waiting=len(jobs) + 1, kv_cache_bytes=kv_bytes,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=512, quantization=quantization,
                           kernel_cache=kernel_cache)
