@@ -67,7 +67,7 @@ def _pull_ids(settings: Settings, ids: list[str], progress: bool, force: bool, d
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         typer.echo(f"{model_id}: ready at {path}", err=True)
-        draft = getattr(m.speculative, "model", None)
+        draft = m.speculative.model
         if drafts and draft and draft not in queue:
             queue.append(draft)
 

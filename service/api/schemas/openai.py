@@ -37,7 +37,6 @@ class ChatMessage(_Lenient):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # read so that the serving layer can refuse them
-    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
