@@ -95,6 +95,17 @@ class Settings(BaseSettings):
     rag_max_documents_per_request: int = 256
     rag_save_interval_s: float = 2.0  # how often changed indexes are written (SQLite is the truth)
     log_level: str = "info"
+    # --- Image intake for chat `image_url` parts (service/multimodal/, ImageLimits.from_settings);
+    # a refused image is a 400 with code invalid_image.
+    image_max_per_request: int = Field(default=8, ge=0)  # image parts in one request
+    image_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)  # encoded bytes of one image
+    # width x height from the file header, refused before decoding (keep below Pillow's ~89 MP guard)
+    image_max_pixels: int = Field(default=40_000_000, ge=1)
+    image_fetch_timeout_s: float = Field(default=10.0, gt=0)  # one URL: DNS, connect, redirects, body
+    image_max_redirects: int = Field(default=3, ge=0)  # every hop is re-checked against the rules below
+    # Image URLs resolving to loopback/private/link-local/metadata addresses are refused unless listed
+    # here: host names (exact), IPs or CIDRs, e.g. FRONTIER_IMAGE_ALLOWED_HOSTS='["images.internal","10.0.0.0/8"]'
+    image_allowed_hosts: list[str] = []
 
     @field_validator("speculative_method", mode="before")
     @classmethod
