@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings call
     max_embedding_tokens: int = 65536  # tokens (after truncation) of one /v1/embeddings call
     request_timeout_s: float | None = None  # deadline of one generation; None = no deadline
+    # Structured output (service/structured/grammar.py `closed`): strings a schema leaves unbounded are
+    # generated with at most this many characters (0: no cap), so a looping model still closes them.
+    structured_max_string: int = Field(default=512, ge=0)
     # Graceful stop (SIGTERM; service/api/drain.py): new requests get 503 at once; generations in flight
     # may run this long, then end with an error event (streams) or a 503 (non-streamed).
     shutdown_drain_s: float = Field(default=20.0, ge=0)

@@ -21,6 +21,9 @@ class SamplingRow:
     output_token_ids: list[int]  # tokens generated so far by this row (for penalties)
     prompt_token_ids: list[int]  # for the repetition penalty (applies to prompt and output)
     banned_token_ids: list[int]
+    # Structured output: the tokens a grammar allows next, as a packed bitmask (int32 words, bit j of
+    # word w = token 32 * w + j; llguidance's layout). None = no constraint.
+    allowed_mask: torch.Tensor | None = None
 
 
 def make_generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
@@ -63,13 +66,31 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits
 
 
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def unpack_mask(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """words: [B, W] int32 bitmask -> [B, vocab] bool allowed (ids past 32 * W are not allowed)."""
+    bits = ((words.unsqueeze(-1) >> _BIT.to(words.device)) & 1).reshape(words.shape[0], -1).bool()
+    if bits.shape[1] >= vocab:
+        return bits[:, :vocab]
+    return torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]), value=False)
+
+
 def _ban(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    if not any(r.banned_token_ids for r in rows):
+    """Controllers' banned tokens and grammars' allowed sets, per row; rows without either are untouched."""
+    constrained = [i for i, r in enumerate(rows) if r.allowed_mask is not None]
+    if not constrained and not any(r.banned_token_ids for r in rows):
         return logits
     logits = logits.clone()
     for i, r in enumerate(rows):
         if r.banned_token_ids:
             logits[i, r.banned_token_ids] = float("-inf")
+    if constrained:  # one unpack for every constrained row of the batch
+        words = torch.stack([rows[i].allowed_mask for i in constrained]).to(logits.device)
+        allowed = unpack_mask(words, logits.shape[-1])
+        index = torch.tensor(constrained, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits
 
 

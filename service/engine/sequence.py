@@ -49,9 +49,12 @@ class SequenceState:
         return self.out.token_ids[-1]
 
     def before_sample(self) -> None:
-        """Tokens the controller bans for the next draw (e.g. ending a thought below its minimum)."""
+        """Tokens the controller bans for the next draw (e.g. ending a thought below its minimum), and
+        the tokens a grammar allows (structured output; `allowed_mask` is optional)."""
         c = self.controller
         self.row.banned_token_ids = c.banned_tokens(self.out.num_generated) if c is not None else []
+        if c is not None and hasattr(c, "allowed_mask"):
+            self.row.allowed_mask = c.allowed_mask(self.out.num_generated)
 
     def accept(self, sampled: int, lp: TokenLogprob | None, logits: torch.Tensor) -> RequestOutput | None:
         """The sampled token through forcing and the controller; returns the delta to publish (or None).

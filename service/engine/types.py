@@ -68,7 +68,9 @@ class SamplingParams:
 class TokenController(Protocol):
     """Per-sequence hook the engine calls around every token (reasoning budgets, structured output).
 
-    `banned_tokens` returns ids whose logits are set to -inf for the next sampling step.
+    `banned_tokens` returns ids whose logits are set to -inf for the next sampling step; an optional
+    `allowed_mask(num_generated)` returns a packed bitmask of the only tokens allowed (a grammar;
+    service/engine/sampler.py SamplingRow.allowed_mask) or None.
     `rewrite` sees each *sampled* token before it is accepted and returns the tokens to accept
     instead (usually `[token_id]`; the first is accepted now, the rest are forced next).
     `on_token` is called after every accepted token, sampled or forced, and returns token ids the

@@ -80,6 +80,22 @@ class ReasoningConfig(BaseModel):
         default_factory=dict)  # token budgets of the reasoning_effort presets
 
 
+class ToolsConfig(BaseModel):
+    """How the model writes tool calls (service/structured/tools.py): a JSON object {"name",
+    "arguments"} between `start` and `end` (the Hermes / Qwen format). When the chat template does not
+    render tools itself, they are described in the system message (`instruction`, with {tools},
+    {start} and {end}), and earlier calls and results are rendered as text in this format."""
+    model_config = ConfigDict(extra="forbid")
+    start: str = "<tool_call>"
+    end: str = "</tool_call>"
+    result_start: str = "<tool_response>"
+    result_end: str = "</tool_response>"
+    instruction: str | None = None  # default: service/structured/tools.py DEFAULT_INSTRUCTION
+    # Most calls in one forced (tool_choice required) response with parallel_tool_calls: a model that
+    # does not end its turn after a call would otherwise repeat calls until max_tokens.
+    max_calls: int = Field(default=8, ge=1, le=64)
+
+
 class SpeculativeConfig(BaseModel):
     """Speculative decoding defaults for this model (requests and FRONTIER_SPECULATIVE_* override;
     service/serving/params.py `speculative_params`). Native engine only; others ignore it."""
@@ -122,6 +138,7 @@ class Manifest(BaseModel):
     # Sampling defaults for fields a request leaves out (as Ollama's Modelfile PARAMETERs).
     defaults: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
     speculative: SpeculativeConfig = Field(default_factory=lambda: SpeculativeConfig())  # off unless set
+    tools: ToolsConfig = Field(default_factory=lambda: ToolsConfig())  # tool-call format (and its fallback prompt)
 
 
 class ManifestError(Exception):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.config import Settings
 from service.engine.config import EngineConfig, Quantization
@@ -54,6 +54,7 @@ class LoadedModel:
     drafts: set[str] = field(default_factory=set)  # draft models attached to the engine (speculative decoding)
     draft_errors: dict[str, str] = field(default_factory=dict)  # drafts that cannot serve it, and why
     attach_draft: Callable[[str], Awaitable[None]] | None = None  # the pool's loader of drafts for this model
+    grammar_tokenizer: Any = None  # llguidance's tokenizer, built on the first structured request
     last_used: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -12,9 +12,12 @@ from service.pool.manifest import Task
 from service.serving.budget import TokenBudget
 from service.serving.job import ChatJob, Stage
 from service.serving.params import (
-    check_sequences, check_token_ids, check_unsupported, resolve_speculative, sampling_params,
+    check_sequences, check_token_ids, resolve_speculative, sampling_params,
 )
-from service.serving.stages import GroundingStage, ReasoningStage
+from service.serving.stages import GroundingStage, ReasoningStage, StructuredStage
+from service.serving.grammar import as_api_error
+from service.structured.grammar import GrammarError
+from service.structured.tools import history_messages, template_renders_tools
 
 
 @dataclass
@@ -27,9 +30,10 @@ class PreparedChat:
         return len(self.request.prompt_token_ids)
 
 
-def chat_stages(rag_store) -> list[Stage]:
-    """In order: reasoning reserves thinking before grounding sizes its sources."""
-    return [ReasoningStage(), GroundingStage(rag_store)]
+def chat_stages(rag_store, settings) -> list[Stage]:
+    """In order: reasoning reserves thinking before grounding sizes its sources; structured output
+    wraps the reasoning controller."""
+    return [ReasoningStage(), StructuredStage(settings.structured_max_string), GroundingStage(rag_store)]
 
 
 def render_chat(tokenizer, messages: list[dict], model_id: str, **template_kwargs) -> str:
@@ -43,18 +47,9 @@ def render_chat(tokenizer, messages: list[dict], model_id: str, **template_kwarg
 
 
 def _check_request(body, lm) -> None:
-    check_unsupported(body)
-    for field in ("tools", "functions"):
-        if getattr(body, field):
-            raise APIError(400, "tool calling is not supported yet", param=field, code="unsupported")
-    for field in ("tool_choice", "function_call"):
-        if getattr(body, field) not in (None, "none"):
-            raise APIError(400, f"{field} {getattr(body, field)!r} needs tool calling, which is not supported yet",
-                           param=field, code="unsupported")
-    for i, m in enumerate(body.messages):
-        if m.role == "tool" or m.tool_calls:
-            raise APIError(400, "messages with tool calls or tool results are not supported yet (tool calling); "
-                           "they would be dropped from the prompt", param=f"messages.{i}", code="unsupported")
+    if body.functions or body.function_call not in (None, "none"):  # OpenAI's deprecated form of tools
+        raise APIError(400, "functions and function_call are not supported; use tools and tool_choice",
+                       param="functions" if body.functions else "function_call", code="unsupported")
     if any(m.has_images() for m in body.messages) and lm.manifest.task != Task.VISION_CHAT:
         raise APIError(400, f"model {lm.id!r} does not accept images", param="messages",
                        code="images_not_supported")
@@ -76,10 +71,13 @@ async def prepare_chat(body, lm, settings, rag_store) -> PreparedChat:
     """400s for anything wrong with the request, before it reaches the engine."""
     _check_request(body, lm)
     speculative = await resolve_speculative(body, settings, lm)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        messages = history_messages(body.messages, lm.manifest.tools, template_renders_tools(lm.tokenizer))
+    except GrammarError as exc:
+        raise as_api_error(exc) from None
     budget = TokenBudget(lm.max_model_len, body.max_completion_tokens or body.max_tokens, settings.max_tokens_default)
     job = ChatJob(body, lm, messages, budget)
-    for stage in chat_stages(rag_store):
+    for stage in chat_stages(rag_store, settings):
         if stage.applies(job):
             await stage.apply(job)
     prompt_ids = await asyncio.to_thread(_tokenize, job)

@@ -9,8 +9,10 @@ from service.api.errors import APIError
 from service.engine.types import GenerationRequest
 from service.serving.budget import TokenBudget
 from service.serving.params import (
-    check_sequences, check_token_ids, check_unsupported, resolve_speculative, sampling_params,
+    check_sequences, check_token_ids, resolve_speculative, sampling_params,
 )
+from service.serving.grammar import as_api_error, grammar_factory
+from service.structured.grammar import GrammarError, answer_grammar, response_format_schema
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # legacy completions without max_tokens
 
@@ -38,7 +40,11 @@ async def prepare_completions(body, lm, settings) -> PreparedCompletions:
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be at least 1; 0 is accepted only with echo (the prompt and "
                        "its logprobs, nothing generated)", param="max_tokens")
-    check_unsupported(body)
+    try:  # response_format: every choice follows the schema
+        schema = response_format_schema(body.response_format)
+        grammar = answer_grammar(schema, settings.structured_max_string) if schema is not None else None
+    except GrammarError as exc:
+        raise as_api_error(exc) from None
     speculative = await resolve_speculative(body, settings, lm)
     tok = lm.tokenizer
     prompts = split_prompts(body.prompt)
@@ -48,6 +54,7 @@ async def prepare_completions(body, lm, settings) -> PreparedCompletions:
     prompt_ids = [list(p) if isinstance(p, list) else await asyncio.to_thread(tok.encode, p) for p in prompts]
     # echo + logprobs: the engine also scores the prompt's tokens (top-k alternatives as asked)
     prompt_top = body.logprobs if body.echo and body.logprobs is not None else None
+    controllers = await grammar_factory(lm, grammar)
     requests, texts = [], []
     for p, ids in zip(prompts, prompt_ids):
         if not ids:
@@ -58,7 +65,7 @@ async def prepare_completions(body, lm, settings) -> PreparedCompletions:
         params = sampling_params(body, budget.answer_tokens(len(ids)), body.logprobs is not None, body.logprobs or 0,
                                  lm.manifest.defaults, prompt_logprobs=prompt_top,
                                  speculative=speculative)
-        requests.append(GenerationRequest(prompt_token_ids=ids, sampling=params))
+        requests.append(GenerationRequest(prompt_token_ids=ids, sampling=params, controller_factory=controllers))
         # the prompt as given (OpenAI, vLLM); token-id prompts decoded
         texts.append((p if isinstance(p, str) else tok.decode(ids)) if body.echo else "")
     return PreparedCompletions(requests, prompt_ids, texts)

@@ -25,15 +25,6 @@ def check_token_ids(body, vocab: int) -> None:
         raise APIError(400, f"stop_token_ids must be in [0, {vocab}); got {bad[0]}", param="stop_token_ids")
 
 
-def check_unsupported(body) -> None:
-    """Fields that would change what is generated but are not implemented yet are a 400 naming
-    them, never silently ignored (a client then fails far from the cause)."""
-    fmt = body.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported yet (structured output); "
-                       "leave it out or use {\"type\": \"text\"}", param="response_format", code="unsupported")
-
-
 def _first(*values):
     return next(v for v in values if v is not None)
 

@@ -87,17 +87,23 @@ def test_schema_violations_are_400_naming_the_field(app, path, body, param):
 
 
 @pytest.mark.parametrize("path, body, param, code", [
-    (CHAT_PATH, {"messages": user("x"), "tools": [{"type": "function"}]}, "tools", "unsupported"),
-    # not implemented yet, and each would change what is generated: a 400, never silently ignored
-    (CHAT_PATH, {"messages": user("x"), "response_format": {"type": "json_object"}}, "response_format", "unsupported"),
-    (COMPLETIONS, {"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format", "unsupported"),
-    (CHAT_PATH, {"messages": user("x"), "tool_choice": "required"}, "tool_choice", "unsupported"),
+    # tools and schemas that cannot be honoured: a 400 naming the field, never silently ignored
+    (CHAT_PATH, {"messages": user("x"), "tools": [{"type": "function"}]}, "tools.0", None),
+    (CHAT_PATH, {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "bad name"}}]},
+     "tools.0.function.name", None),
+    (CHAT_PATH, {"messages": user("x"), "tool_choice": "required"}, "tool_choice", None),
+    (CHAT_PATH, {"messages": user("x"), "tools": [{"type": "function", "function": {"name": "f"}}],
+                 "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", None),
+    (CHAT_PATH, {"messages": user("x"), "response_format": {"type": "xml"}}, "response_format.type", None),
+    (CHAT_PATH, {"messages": user("x"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "object", "not": {"required": ["a"]}}}}},
+     "response_format.json_schema.schema", "unsupported_schema"),
+    (COMPLETIONS, {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"$ref": "#/missing"}}}}, "response_format.json_schema.schema", None),
     (CHAT_PATH, {"messages": user("x"), "functions": [{"name": "f"}]}, "functions", "unsupported"),
     (CHAT_PATH, {"messages": user("x"), "function_call": {"name": "f"}}, "function_call", "unsupported"),
     (CHAT_PATH, {"messages": [*user("x"), {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.1", "unsupported"),
-    (CHAT_PATH, {"messages": [*user("x"), {"role": "tool", "tool_call_id": "c1", "content": "4"}]}, "messages.1",
-     "unsupported"),
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, "messages", None),
     (CHAT_PATH, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}, "messages",
      "images_not_supported"),

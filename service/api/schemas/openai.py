@@ -36,7 +36,8 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # read so that the serving layer can refuse them
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (service/structured/tools.py)
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -73,9 +74,7 @@ class SpeculativeRequest(BaseModel):
 
 class _SamplingFields(_Lenient):
     model: str | None = None
-    # Fields that change a request's meaning and are not implemented yet: read here so that the
-    # serving layer answers 400 instead of silently ignoring them.
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema (service/structured)
     max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
@@ -122,6 +121,7 @@ class ChatCompletionRequest(_SamplingFields):
     rag: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None  # legacy tools
     function_call: str | dict[str, Any] | None = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from service.api.collect import Choice, usage
 from service.api.logprobs import chat_logprobs
 from service.serving.chat import PreparedChat
+from service.structured.tools import split_calls
 
 
 def _head(prep: PreparedChat, completion_id: str, created: int, obj: str) -> dict:
@@ -16,23 +17,36 @@ def _head(prep: PreparedChat, completion_id: str, created: int, obj: str) -> dic
             "system_fingerprint": f"frontier-{lm.engine_kind}"}
 
 
-def _message(c: Choice, plan) -> dict:
-    if plan is None:
-        return {"role": "assistant", "content": c.text}
-    splitter = plan.splitter()
-    splitter.feed(c.text)
-    splitter.finish()
-    return {"role": "assistant", "content": splitter.content, "reasoning_content": splitter.reasoning,
-            "reasoning": splitter.reasoning}
+def _message(c: Choice, plan, tools) -> dict:
+    """The assistant message: reasoning split from the answer, tool calls parsed out of it."""
+    msg = {"role": "assistant", "content": c.text}
+    if plan is not None:
+        splitter = plan.splitter()
+        splitter.feed(c.text)
+        splitter.finish()
+        msg = {"role": "assistant", "content": splitter.content, "reasoning_content": splitter.reasoning,
+               "reasoning": splitter.reasoning}
+    if tools is not None:
+        msg["content"], calls = split_calls(msg["content"], tools)
+        if calls:
+            msg["tool_calls"] = calls
+    return msg
+
+
+def _finish_reason(reason: str | None, has_calls: bool) -> str | None:
+    return "tool_calls" if has_calls and reason == "stop" else reason
 
 
 def chat_response(prep: PreparedChat, choices: dict[int, Choice], completion_id: str, created: int, metrics) -> dict:
     job, lm = prep.job, prep.job.model
     plan, logprobs = job.reasoning, job.body.logprobs
     out = _head(prep, completion_id, created, "chat.completion")
-    items = [{"index": c.index, "message": _message(c, plan),
-              "logprobs": chat_logprobs(lm.tokenizer, c.logprobs) if logprobs else None,
-              "finish_reason": c.finish_reason} for c in choices.values()]
+    items = []
+    for c in choices.values():
+        msg = _message(c, plan, job.tools)
+        items.append({"index": c.index, "message": msg,
+                      "logprobs": chat_logprobs(lm.tokenizer, c.logprobs) if logprobs else None,
+                      "finish_reason": _finish_reason(c.finish_reason, "tool_calls" in msg)})
     reasoning_tokens, reports = None, [c.report for c in choices.values()]
     if plan is not None:
         plan.record(metrics, lm.id, reports)
@@ -59,15 +73,18 @@ async def chat_stream(prep: PreparedChat, stream, completion_id: str, created: i
             c["usage"] = usage_
         return c
 
-    def delta_chunk(idx, reasoning: str, content: str, lps=None):
+    def delta_chunk(idx, reasoning: str, content: str, lps=None, calls=()):
         delta = {}
         if reasoning:
             delta["reasoning_content"] = delta["reasoning"] = reasoning
-        if content or not reasoning:
+        if content or not (reasoning or calls):
             delta["content"] = content
+        if calls:
+            delta["tool_calls"] = list(calls)
         return chunk([{"index": idx, "delta": delta, "logprobs": lps, "finish_reason": None}])
 
     splitters = [plan.splitter() if plan else None for _ in range(n)]
+    parsers = [job.tools.parser() if job.tools else None for _ in range(n)]  # tool calls out of the answer
     for i in range(n):
         first = chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}])
@@ -82,11 +99,17 @@ async def chat_stream(prep: PreparedChat, stream, completion_id: str, created: i
         if out.finished and splitters[idx]:
             r2, c2 = splitters[idx].finish()
             reasoning, content = reasoning + r2, content + c2
-        if reasoning or content or lps:
-            yield delta_chunk(idx, reasoning, content, lps)
+        calls = []
+        if parsers[idx]:
+            content, calls = parsers[idx].feed(content)
+            if out.finished:
+                content += parsers[idx].finish()
+        if reasoning or content or lps or calls:
+            yield delta_chunk(idx, reasoning, content, lps, calls)
         if out.finished:
             reports[idx] = out.report
             reason = "length" if out.finish_reason.value == "length" else "stop"
+            reason = _finish_reason(reason, bool(parsers[idx] and parsers[idx].num_calls))
             yield chunk([{"index": idx, "delta": {}, "logprobs": None, "finish_reason": reason}])
     reasoning_tokens = None
     if plan is not None:
