@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from pydantic import BaseModel
 
 from tests.conftest import CHAT_MODEL
 
@@ -105,3 +108,40 @@ def test_completions_prompts_echo_and_logprobs(client):
                                          stream=True)
     single = client.completions.create(model=CHAT_MODEL, prompt="The sky is", max_tokens=4, temperature=0)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == single.choices[0].text
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    city: str
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_parse_with_a_pydantic_model_gives_a_typed_object(client):
+    r = client.chat.completions.parse(model=CHAT_MODEL, response_format=Person, temperature=0, max_tokens=64,
+                                      messages=[{"role": "user", "content": "Ada is 36 and lives in London."}])
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person) and r.choices[0].finish_reason == "stop"
+
+
+def test_tool_call_round_trip_streamed_and_not(client):
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model=CHAT_MODEL, messages=msgs, tools=[WEATHER], tool_choice="required",
+                                       temperature=0, max_tokens=64)
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    with client.chat.completions.stream(model=CHAT_MODEL, messages=msgs, tools=[WEATHER], tool_choice="required",
+                                        temperature=0, max_tokens=64) as stream:
+        final = stream.get_final_completion()
+    [streamed] = final.choices[0].message.tool_calls
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    answer = client.chat.completions.create(
+        model=CHAT_MODEL, tools=[WEATHER], temperature=0, max_tokens=32,
+        messages=[*msgs, r.choices[0].message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 18}'}])
+    assert answer.choices[0].message.content
