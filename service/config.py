@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     # Image URLs resolving to loopback/private/link-local/metadata addresses are refused unless listed
     # here: host names (exact), IPs or CIDRs, e.g. FRONTIER_IMAGE_ALLOWED_HOSTS='["images.internal","10.0.0.0/8"]'
     image_allowed_hosts: list[str] = []
+    # --- Responses API (POST /v1/responses; service/api/responses/store.py): responses stored with
+    # `store: true` (the default) live in data_dir/responses.sqlite3 for previous_response_id and GET.
+    # A stored conversation (earlier turns + input, JSON) larger than this is a 400 (conversation_too_large).
+    responses_max_stored_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    responses_retention_s: float = Field(default=30 * 86400, gt=0)  # older stored responses are deleted
 
     @field_validator("speculative_method", mode="before")
     @classmethod

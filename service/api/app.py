@@ -14,7 +14,8 @@ from service.api.drain import Drain, DrainMiddleware
 from service.api.edge import EdgeMiddleware, RouteTable
 from service.api.errors import install_error_handlers
 from service.api.limits import RateLimiter
-from service.api.routes import chat, completions, embeddings, rag, system
+from service.api.responses.store import ResponseStore
+from service.api.routes import chat, completions, embeddings, rag, responses, system
 from service.config import Settings
 from service.metrics import Metrics
 from service.pool.manifest import Registry
@@ -32,6 +33,7 @@ class AppState:
     load_error: str | None = None
     rag: RagStore | None = None  # collections under settings.data_dir/rag
     drain: Drain | None = None  # graceful stop: begun by the server on SIGTERM (service/cli.py)
+    responses: ResponseStore | None = None  # stored /v1/responses (data_dir/responses.sqlite3)
 
 
 async def _load_defaults(st: AppState) -> None:
@@ -57,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     st = AppState(settings, pool, metrics, drain=Drain(settings.shutdown_drain_s))
     st.rag = rag.build_store(settings, pool, metrics)
     metrics.watch_rag(st.rag)
+    st.responses = ResponseStore.from_settings(settings)  # opens its database on first use
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,13 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await st.rag.close()  # saves changed indexes
             except Exception:  # SQLite has every acknowledged write; the index rebuilds from it at start
                 log.exception("saving the RAG indexes at shutdown failed")
+            st.responses.close()
             await pool.shutdown()
             log.info("stopped")
 
     app = FastAPI(title="Frontier", version="0.1.0", lifespan=lifespan)
     app.state.frontier = st
     install_error_handlers(app)
-    routers = (system.router, chat.router, completions.router, embeddings.router, rag.router)
+    routers = (system.router, chat.router, completions.router, embeddings.router, rag.router, responses.router)
     for r in routers:
         app.include_router(r)
     # Templates known before routing: auth needs them to pick a scope, metrics to label a rejected request.

@@ -22,7 +22,7 @@ import numpy as np
 
 from service.api.auth import KeyPolicy, KeyStore, bearer_token, required_scope
 from service.api.errors import APIError, error_response
-from service.api.limits import RateLimiter, estimate_tokens, retry_after_header
+from service.api.limits import GENERATING_ROUTES, RateLimiter, estimate_tokens, retry_after_header
 
 UNMATCHED = "unmatched"
 # One line per request, with its x-request-id (uvicorn's own access log is off: it cannot know the id).
@@ -203,8 +203,8 @@ class EdgeMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
-            elif charge is not None and message["type"] == "http.response.body":
-                charge.observe(message.get("body", b""))
+            elif charge is not None and message["type"] == "http.response.body" and route in GENERATING_ROUTES:
+                charge.observe(message.get("body", b""))  # usage of what this request generated, not of stored data
             await send(message)
 
         try:

@@ -16,8 +16,9 @@ from typing import Callable
 from service.api.auth import KeyPolicy
 
 # Routes whose requests generate tokens (the rest charge their input only).
-GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/rag/collections/{name}/chat"})
-_MAX_TOKENS = re.compile(rb'"(?:max_tokens|max_completion_tokens)"\s*:\s*(\d{1,9})')
+GENERATING_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/rag/collections/{name}/chat",
+                               "/v1/responses"})
+_MAX_TOKENS = re.compile(rb'"(?:max_tokens|max_completion_tokens|max_output_tokens)"\s*:\s*(\d{1,9})')
 _N = re.compile(rb'"n"\s*:\s*(\d{1,4})')
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d{1,12})')
 
