@@ -34,7 +34,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None  # set while registered in the prefix table
-    token_ids: tuple[int, ...] = ()  # kept to verify hits (hash collisions must not corrupt output)
+    token_ids: tuple = ()  # its block key (ids; image digests at image positions), to verify hits
 
 
 class BlockManager:
@@ -72,17 +72,17 @@ class BlockManager:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     # ---- prefix lookup ----
-    def _cached_prefix(self, token_ids: list[int]) -> list[int]:
+    def _cached_prefix(self, seq) -> list[int]:
         """Block ids holding the longest cached prefix. The last token is never served from the cache
         (its logits are needed), so only blocks fully inside token_ids[:-1] can hit."""
         if not self.enable_prefix_caching:
             return []
         hits, h, bs = [], None, self.block_size
-        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
-            chunk = token_ids[start : start + bs]
-            h = block_hash(h, chunk)
+        for start in range(0, len(seq.token_ids) - 1 - bs + 1, bs):
+            key = _block_key(seq, start, start + bs)
+            h = block_hash(h, key)
             bid = self.hash_to_block.get(h)
-            if bid is None or self.blocks[bid].token_ids != tuple(chunk):
+            if bid is None or self.blocks[bid].token_ids != key:
                 break
             hits.append(bid)
         return hits
@@ -90,7 +90,7 @@ class BlockManager:
     def _hits(self, seq) -> list[int]:
         # A sequence that must compute every prompt position (prompt logprobs) reads nothing from
         # the cache; it still publishes its blocks for the others.
-        return self._cached_prefix(seq.token_ids) if _reads_cache(seq) else []
+        return self._cached_prefix(seq) if _reads_cache(seq) else []
 
     def can_allocate(self, seq) -> bool:
         hits = self._hits(seq)
@@ -165,13 +165,18 @@ class BlockManager:
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         while len(seq.block_hashes) < num_full:
             i = len(seq.block_hashes)
-            chunk = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            chunk = _block_key(seq, i * bs, (i + 1) * bs)
             h = block_hash(seq.block_hashes[-1] if i else None, chunk)
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self.hash_to_block:
                 block.hash, block.token_ids = h, chunk
                 self.hash_to_block[h] = block.block_id
             seq.block_hashes.append(h)
+
+
+def _block_key(seq, start: int, end: int) -> tuple:
+    """Token ids, with image positions keyed by their image (Sequence.block_key); test doubles without it: ids."""
+    return seq.block_key(start, end) if hasattr(seq, "block_key") else tuple(seq.token_ids[start:end])
 
 
 def _reads_cache(seq) -> bool:

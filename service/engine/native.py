@@ -23,7 +23,7 @@ from service.engine.kv_cache import BlockManager, kv_bytes_per_block
 from service.engine.output_processor import token_logprobs
 from service.engine.runner import ModelRunner
 from service.engine.sampler import sample
-from service.engine.scheduler import Scheduler, SchedulerConfig, Sequence
+from service.engine.scheduler import ImageSpan, Scheduler, SchedulerConfig, Sequence
 from service.engine.sequence import SequenceState
 from service.engine.spec_step import Speculation
 from service.engine.threaded import ThreadedEngine
@@ -92,16 +92,25 @@ class NativeEngine(ThreadedEngine):
         vocab = self.model.config.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {vocab}).")
+        mm = req.multimodal
+        if mm is not None and (mm.processor_inputs or not (len(mm.spans) == len(mm.embeds) == len(mm.digests))
+                               or any(s < 0 or s + k > n or tuple(e.shape) != (k, self.model.config.hidden_size)
+                                      for (s, k), e in zip(mm.spans, mm.embeds))):
+            raise RequestTooLarge("The request's images do not fit this engine (early fusion: one span of "
+                                  "placeholder positions and one row per position for each image).")
         self._check_queue(self.scheduler.num_waiting, req, num_ahead)
 
     # ---- worker thread hooks ----
     def _add(self, req: GenerationRequest) -> None:
         p, prompt = req.sampling, list(req.prompt_token_ids)
+        mm = req.multimodal
+        images = [ImageSpan(start, length, digest, rows) for (start, length), digest, rows
+                  in zip(mm.spans, mm.digests, mm.embeds)] if mm is not None else []
         seqs = []
         for i in range(p.n):
             state = SequenceState(req, i, self.tokenizer, self.eos_token_ids, self.max_model_len, self.device,
                                   speculates=True)
-            seqs.append(Sequence(req.request_id, i, list(prompt), len(prompt), payload=state))
+            seqs.append(Sequence(req.request_id, i, list(prompt), len(prompt), payload=state, images=images))
         if p.prompt_logprobs is not None:  # sequence 0 computes them (no cache reads); the others get a copy
             seqs[0].payload.prompt_lps = [None] * len(prompt)
             if len(prompt) > 1:

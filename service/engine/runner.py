@@ -143,12 +143,17 @@ class ModelRunner:
         prefill = [it for it in batch if it.num_tokens > 1 and not it.num_spec]
         bs = self.block_size
         input_ids, positions, slots, logits_index, samplers, prompt_rows = [], [], [], [], [], []
+        image_at, image_rows = [], []  # flat index -> an image's encoder row (early fusion)
 
         def add(it: ScheduledSeq, pos: int) -> None:
             base = it.start + it.num_tokens - it.num_spec  # positions from here hold proposed tokens
             slots.append(it.seq.block_table[pos // bs] * bs + pos % bs)
             positions.append(pos)
             input_ids.append(it.seq.token_ids[pos] if pos < base else it.seq.spec_tokens[pos - base])
+            for im in it.seq.images:  # a chunk may start or end anywhere inside an image's span
+                if im.start <= pos < im.start + im.length:
+                    image_at.append(len(input_ids) - 1)
+                    image_rows.append(im.embeds[pos - im.start])
 
         rows = [(it, it.start + j) for it in decode for j in range(it.num_tokens)]
         attn_rows = [(it.seq.block_table, pos, 1) for it, pos in rows]
@@ -179,7 +184,8 @@ class ModelRunner:
                 samplers.append(it)
         dev = self.device
         attn = PagedAttention(self, torch.tensor(slots, device=dev), groups)
-        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), attn)
+        embeds_at = (torch.tensor(image_at, device=dev), torch.stack(image_rows).to(dev)) if image_at else None
+        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), attn, embeds_at)
         # hidden: [num_tokens, hidden]
         self.prompt_logits = [(it, self.model.compute_logits(hidden[off : off + m])) for it, off, m in prompt_rows]
         if not samplers:

@@ -16,6 +16,17 @@ from dataclasses import dataclass, field
 from service.engine.kv_cache import BlockManager
 
 
+@dataclass(frozen=True, eq=False)
+class ImageSpan:
+    """An image in a prompt (early fusion): positions start..start + length - 1 hold placeholder ids
+    whose input rows are `embeds` [length, hidden]; `digest` (the image's content hash) stands for
+    them in the prefix cache's block keys."""
+    start: int
+    length: int
+    digest: str
+    embeds: object  # torch.Tensor
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -41,6 +52,20 @@ class Sequence:
     # Speculative decoding: tokens proposed for after token_ids (not part of them until verified).
     # The engine sets them before `schedule`; the scheduler may drop them (no budget, no blocks).
     spec_tokens: list[int] = field(default_factory=list)
+    images: list[ImageSpan] = field(default_factory=list)  # in prompt order
+
+    def block_key(self, start: int, end: int) -> tuple:
+        """What identifies tokens start..end - 1 in the prefix cache: their ids, except that an image
+        position is (its image's digest, offset in the image): same image, same key; another image
+        with the same placeholder ids, another key."""
+        key = self.token_ids[start:end]
+        if not self.images:
+            return tuple(key)
+        key = list(key)
+        for im in self.images:
+            for p in range(max(im.start, start), min(im.start + im.length, end)):
+                key[p - start] = (im.digest, p - im.start)
+        return tuple(key)
 
     @property
     def num_tokens(self) -> int:

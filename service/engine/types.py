@@ -88,6 +88,26 @@ class TokenController(Protocol):
 
 
 @dataclass
+class MultimodalInput:
+    """The images of one request, prepared for its engine by the model's vision front end
+    (service/multimodal/: `VisionPrep.prepare`), in prompt order.
+
+    Native engine (early fusion): image i fills the prompt positions spans[i] = (start, length), all
+    holding the model's placeholder id, with the rows embeds[i] [length, hidden] instead of token
+    embeddings; digests[i] keys those positions in the prefix cache (same image, same blocks).
+    Transformers backend: processor_inputs are the processor's outputs besides input_ids
+    (pixel_values, image_grid_thw, aspect_ratio_ids, cross_attention_mask...), given to the prefill
+    forward as keyword arguments."""
+
+    digests: list[str]
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    embeds: list[Any] = field(default_factory=list)  # torch.Tensor [length, hidden] per image (native)
+    processor_inputs: dict[str, Any] | None = None  # transformers backend
+    # What preparing them cost, for metrics (images, encoded, cache_hits, encode_seconds).
+    report: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -96,6 +116,7 @@ class GenerationRequest:
     # n > 1 sequences never share mutable state.
     controller_factory: object | None = None  # Callable[[], TokenController]
     arrival_time: float = 0.0
+    multimodal: MultimodalInput | None = None  # images (vision-chat models)
 
 
 @dataclass

@@ -193,17 +193,22 @@ class LlamaForCausalLM(nn.Module):
         self.rope_cos = (emb.cos() * scale).to(device=device, dtype=dtype)
         self.rope_sin = (emb.sin() * scale).to(device=device, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, attn=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, attn=None,
+                embeds_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden].
 
         `attn(layer_idx, q, k, v) -> o` does the attention; None = one causal sequence, no cache
-        (then input_ids may also be [B, T]: B independent sequences, e.g. calibration batches)."""
+        (then input_ids may also be [B, T]: B independent sequences, e.g. calibration batches).
+        embeds_at = (index [M], rows [M, hidden]): input rows that replace the token embeddings at
+        those flat positions (early fusion: an image's encoder rows at its placeholder positions)."""
         if input_ids.dim() == 2:
             return torch.stack([self(row) for row in input_ids])
         if positions is None:
             positions = torch.arange(input_ids.shape[0], device=input_ids.device)
         attn = attn or causal_attention
         x = self.model.embed_tokens(input_ids)
+        if embeds_at is not None:
+            x = x.index_copy(0, embeds_at[0], embeds_at[1].to(x.dtype))
         cos = self.rope_cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
         sin = self.rope_sin[positions].unsqueeze(1)
         for layer in self.model.layers:
