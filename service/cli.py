@@ -116,6 +116,43 @@ def distill(
     typer.echo(json.dumps(report))
 
 
+@app.command("train-vision")
+def train_vision(
+    out: Annotated[Path, typer.Option(help="the folder the adapter folder (NAME) is written into")] = Path("models/vision"),
+    lm: Annotated[str, typer.Option(help="the frozen chat model (pulled if missing)")] = "smollm2-135m-instruct",
+    name: Annotated[str | None, typer.Option(help="the adapter folder (default: LM without -instruct, "
+                                                  "plus -vision)")] = None,
+    minutes: Annotated[float, typer.Option(min=1, help="time bound of the whole run (rendering included)")] = 20.0,
+    steps: Annotated[int, typer.Option(min=1, help="LM-stage steps (fewer if MINUTES runs out first)")] = 600,
+    warmup_steps: Annotated[int, typer.Option(min=1, help="warm-up steps (no LM forward)")] = 800,
+    batch: Annotated[int, typer.Option(min=1, help="LM-stage batch (images)")] = 16,
+    lr: Annotated[float, typer.Option(help="projector learning rate (encoder: 0.3x; warm-up, then cosine)")] = 1e-3,
+    images: Annotated[int, typer.Option(min=64, help="training images rendered")] = 20000,
+    seed: Annotated[int, typer.Option(help="seeds the adapter's initialisation and the batches")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 2,
+):
+    """Train a vision adapter (encoder + projector) into a frozen chat model on generated images."""
+    import json
+
+    import torch
+
+    from service.multimodal.vision.run import VisionConfig
+    from service.multimodal.vision.run import train_vision as run_train_vision
+    from service.multimodal.vision.train import TrainConfig
+    from service.pool.manifest import Registry
+    from service.pool.sources import model_dir
+
+    settings = _settings()
+    torch.set_num_threads(threads)
+    _pull_ids(settings, [lm], progress=True, force=False, drafts=False)
+    lm_dir = model_dir(settings.models_dir, Registry(settings.manifests_dir).get(lm))
+    cfg = VisionConfig(train_images=images, minutes=minutes,
+                       train=TrainConfig(steps=steps, warmup_steps=warmup_steps, batch=batch, lr=lr, seed=seed))
+    target = out / (name or lm.removesuffix("-instruct") + "-vision")
+    report = run_train_vision(lm_dir, target, cfg, lm_id=lm, log=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps(report, default=str))
+
+
 @app.command("models")
 def list_models():
     """List known models and whether they are pulled."""
