@@ -45,6 +45,11 @@ class Metrics:
                                             registry=r)
         self.reasoning_votes = Counter("frontier_reasoning_votes", "Self-consistency paths voted", ["model"],
                                        registry=r)
+        self.images = Counter("frontier_images_processed", "Images in chat requests", ["model"], registry=r)
+        self.image_cache_hits = Counter("frontier_image_encoder_cache_hits",
+                                        "Images whose encoder rows came from the cache", ["model"], registry=r)
+        self.vision_encode = Histogram("frontier_vision_encode_seconds", "Vision encoder time per request "
+                                       "(images not in the cache)", ["model"], registry=r)
 
     def watch_pool(self, pool) -> None:
         self.registry.register(_EngineStatsCollector(pool))

@@ -4,7 +4,10 @@ Simple and slow next to the native engine, but it serves every architecture tran
 Requests are served in arrival order; the n sequences of one request run as one batch (same
 prompt, so no padding). Each `_step` is one forward, so aborts take effect within a token, and
 whatever a step raises is the active request's failure alone: the requests waiting behind it are
-served next. Loading: service/engine/loading.py `load_hf_engine`.
+served next. Vision-language models (AutoModelForImageTextToText) take a request's images as
+processor outputs (GenerationRequest.multimodal.processor_inputs), given to its prefill only, which
+then runs once at batch 1 and is repeated n times in the cache (service/engine/hf_vision.py).
+Loading: service/engine/loading.py `load_hf_engine`, `load_hf_vision_engine`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
+from service.engine import hf_vision
 from service.engine.config import EngineConfig
 from service.engine.output_processor import token_logprobs
 from service.engine.sampler import sample
@@ -33,7 +37,9 @@ class _Active:
     req: GenerationRequest
     seqs: list[SequenceState]
     cache: object | None = None
-    next_input: torch.Tensor | None = None  # [n, t]
+    next_input: torch.Tensor | None = None  # [n, t] ([1, T] for an image prefill)
+    prefill_kwargs: dict[str, Any] | None = None  # images: the prefill's processor outputs
+    decode_kwargs: dict[str, Any] | None = None  # images: what every decode step gets (Mllama's mask row)
 
 
 class HFEngine(ThreadedEngine):
@@ -48,13 +54,14 @@ class HFEngine(ThreadedEngine):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.eos_token_ids = frozenset(eos_token_ids)
-        limits = [x for x in (getattr(getattr(model, "config", None), "max_position_embeddings", None),
-                              config.max_model_len) if x]
+        limits = [x for x in (hf_vision.max_positions(model), config.max_model_len) if x]
         self.max_model_len = min(limits) if limits else 2048
         self.max_waiting = config.max_waiting
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        self.kernels = kernels or {"backend": "transformers", "dtype": dtype}
+        self.kernels = kernels or {"backend": "transformers", "dtype": str(self.dtype).removeprefix("torch.")}
+        self._vocab_bound = hf_vision.token_id_bound(model)
+        self._rope_state = hf_vision.rope_state_modules(model)  # cleared before every prefill
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._num_waiting_seqs = 0  # sequences of _waiting (written by the worker, read by admission)
         self._active: _Active | None = None
@@ -67,7 +74,7 @@ class HFEngine(ThreadedEngine):
                 f"This model's maximum context length is {self.max_model_len} tokens; "
                 f"the prompt has {n} tokens."
             )
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        vocab = self._vocab_bound
         if vocab and n and (min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab):
             raise RequestTooLarge(f"The prompt contains a token id outside the vocabulary [0, {vocab}).")
         self._check_queue(self._num_waiting_seqs, req, num_ahead)
@@ -108,8 +115,17 @@ class HFEngine(ThreadedEngine):
                 for i in range(req.sampling.n)]
 
     def _begin(self, req: GenerationRequest) -> _Active:
-        ids = torch.tensor([req.prompt_token_ids] * req.sampling.n, device=self.device)
-        return _Active(req, self._states(req), None, ids)
+        hf_vision.clear_rope_state(self._rope_state)
+        mm = req.multimodal
+        if mm is not None and mm.processor_inputs is None and mm.embeds:
+            raise ValueError("this engine (transformers backend) takes images as processor inputs, not embeddings")
+        if mm is None or not mm.processor_inputs:
+            ids = torch.tensor([req.prompt_token_ids] * req.sampling.n, device=self.device)
+            return _Active(req, self._states(req), None, ids)
+        # Images: one batch-1 prefill with the processor outputs, its cache then repeated n times.
+        prefill = hf_vision.prefill_kwargs(mm.processor_inputs, self.device, self.dtype)
+        ids = torch.tensor([req.prompt_token_ids], device=self.device)  # [1, T]
+        return _Active(req, self._states(req), None, ids, prefill, hf_vision.decode_kwargs(prefill, req.sampling.n))
 
     def _step(self) -> list[RequestOutput]:
         # One request per step: whatever raises here is that request's failure alone.
@@ -139,13 +155,19 @@ class HFEngine(ThreadedEngine):
             self._set_prompt_logprobs(act, None)
         if prefill and p.max_tokens == 0 and not every:  # nothing to compute
             return self._prompt_only(act)
-        result = self.model(input_ids=act.next_input, cache=act.cache, use_cache=True, logits_to_keep=0 if every else 1)
+        images = (act.prefill_kwargs if prefill else act.decode_kwargs) or {}
+        result = self.model(input_ids=act.next_input, cache=act.cache, use_cache=True,
+                            logits_to_keep=0 if every else 1, **images)
         act.cache = result.cache
         if every:
             self._set_prompt_logprobs(act, result.logits)
         if p.max_tokens == 0:
             return self._prompt_only(act)
-        logits = result.logits[:, -1, :]  # [n, V]
+        logits = result.logits[:, -1, :]  # [n, V] ([1, V] after an image prefill)
+        if logits.shape[0] != len(act.seqs):  # the image prefill ran once for the n sequences
+            hf_vision.expand_cache(act.cache, len(act.seqs))
+            logits = logits.repeat(len(act.seqs), 1)  # [n, V]
+        act.prefill_kwargs = None  # the pixels are in the cache now
         token_ids, logprobs = sample(logits, [s.row for s in act.seqs])
         token_list = token_ids.tolist()
         outputs: list[RequestOutput] = []

@@ -1,5 +1,6 @@
 """Checkpoint directory -> running engine: the native engine (Llama family, safetensors or GGUF) and
-the transformers backend (anything AutoModelForCausalLM loads).
+the transformers backend (anything AutoModelForCausalLM loads; vision-language models through
+AutoModelForImageTextToText + AutoProcessor).
 
 Both loaders take one `EngineConfig` (service/engine/config.py) and fix everything at load: the
 context limit, the quantization and CPU kernels (native), and the EOS ids: the checkpoint's
@@ -122,3 +123,38 @@ def load_hf_engine(model_dir, device: torch.device | str, dtype: torch.dtype,
     eos = resolve_eos(tokenizer, gen, config.extra_eos_tokens)
     kernels = {"backend": "transformers", "dtype": str(dtype).removeprefix("torch.")}
     return HFEngine(model, tokenizer, eos, config, kernels)
+
+
+def model_input_names(model) -> frozenset[str]:
+    """The keyword arguments a model's forward names (where processor outputs may go)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters.values()
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def load_hf_vision_engine(model_dir, device: torch.device | str, dtype: torch.dtype,
+                          config: EngineConfig | None = None, processor=None, max_images: int | None = None):
+    """(HFEngine, HFVisionPrep): an image-text-to-text model (LLaVA, Idefics3/SmolVLM, Qwen2-VL, Mllama...)
+    and its processor from a local directory. The engine's tokenizer is the processor's (given the
+    processor's chat template if it has none); EOS ids are resolved as for load_hf_engine.
+    processor: an already built processor instead of AutoProcessor's (tests; custom processors).
+    Note: in transformers 5.x, processors with a video processor (Qwen2-VL) need torchvision;
+    AutoProcessor raises ImportError without it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from service.multimodal.hf_prep import HFVisionPrep
+
+    config = config or EngineConfig()
+    if processor is None:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    tokenizer = processor.tokenizer
+    if getattr(tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None):
+        tokenizer.chat_template = processor.chat_template  # the serving layer renders with the tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
+    gen = model.generation_config.eos_token_id if model.generation_config else None
+    eos = resolve_eos(tokenizer, gen, config.extra_eos_tokens)
+    kernels = {"backend": "transformers", "dtype": str(dtype).removeprefix("torch."),
+               "architecture": type(model).__name__}
+    engine = HFEngine(model, tokenizer, eos, config, kernels)
+    return engine, HFVisionPrep(processor, max_images, model_input_names(model))

@@ -96,6 +96,18 @@ class ToolsConfig(BaseModel):
     max_calls: int = Field(default=8, ge=1, le=64)
 
 
+class VisionConfig(BaseModel):
+    """Image input (service/multimodal/). `adapter`: a trained early-fusion adapter for the native
+    engine, a directory relative to the manifests directory (adapter.safetensors + config.json:
+    `frontier train-vision`), read at load. A vision-chat model without one loads through
+    transformers (AutoProcessor + AutoModelForImageTextToText). `sees`: what the model can and
+    cannot see, shown in /v1/models."""
+    model_config = ConfigDict(extra="forbid")
+    adapter: str | None = None
+    sees: str = ""
+    encoder_cache: int = Field(default=256, ge=0)  # distinct images whose encoder rows are kept
+
+
 class SpeculativeConfig(BaseModel):
     """Speculative decoding defaults for this model (requests and FRONTIER_SPECULATIVE_* override;
     service/serving/params.py `speculative_params`). Native engine only; others ignore it."""
@@ -139,6 +151,7 @@ class Manifest(BaseModel):
     defaults: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
     speculative: SpeculativeConfig = Field(default_factory=lambda: SpeculativeConfig())  # off unless set
     tools: ToolsConfig = Field(default_factory=lambda: ToolsConfig())  # tool-call format (and its fallback prompt)
+    vision: VisionConfig | None = None  # takes images (chat image_url parts)
 
 
 class ManifestError(Exception):

@@ -55,6 +55,7 @@ class LoadedModel:
     draft_errors: dict[str, str] = field(default_factory=dict)  # drafts that cannot serve it, and why
     attach_draft: Callable[[str], Awaitable[None]] | None = None  # the pool's loader of drafts for this model
     grammar_tokenizer: Any = None  # llguidance's tokenizer, built on the first structured request
+    vision: Any = None  # a VisionPrep (service/multimodal/prep.py) when the model takes images
     last_used: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -195,13 +196,41 @@ class ModelPool:
             lm.embedder = SentenceEmbedder(path, self.device)
             lm.tokenizer = lm.embedder.tokenizer
             return lm
-        lm.engine, lm.engine_kind = self._load_engine(m, path)
+        if m.task == Task.VISION_CHAT and not (m.vision and m.vision.adapter):  # a transformers VLM
+            from service.engine.loading import load_hf_vision_engine
+
+            lm.engine, lm.vision = load_hf_vision_engine(path, self.device, self.dtype,
+                                                         engine_config(self.settings, m, self.device))
+            lm.engine_kind = "hf"
+        else:
+            lm.engine, lm.engine_kind = self._load_engine(m, path)
         lm.tokenizer = lm.engine.tokenizer
         if m.chat_template:
             lm.tokenizer.chat_template = m.chat_template
+        if m.vision is not None and m.vision.adapter:
+            try:
+                self._attach_adapter(lm, m)
+            except Exception:  # the model still serves text; image requests get a 400 saying it takes none
+                log.exception("%s: its vision adapter %s could not be attached; serving text only", m.id,
+                              m.vision.adapter)
         if draft is not None:
             self._attach_sync(lm, *draft)
         return lm
+
+    def _attach_adapter(self, lm: LoadedModel, m: Manifest) -> None:
+        """The manifest's early-fusion vision adapter, read from the repository's models directory."""
+        import torch
+
+        from service.multimodal.native_prep import NativeVisionPrep
+        from service.multimodal.vision.model import load_adapter
+
+        if lm.engine_kind != "native":
+            raise ValueError(f"{m.id}: a vision adapter runs on the native engine, not {lm.engine_kind!r}")
+        path = self.registry.dir / m.vision.adapter
+        adapter = load_adapter(path, self.dtype if self.device.type == "cuda" else torch.float32)
+        lm.vision = NativeVisionPrep(adapter, lm.tokenizer, self.device, m.vision.encoder_cache)
+        lm.size_bytes += weights_size(path)
+        log.info("%s: vision adapter %s attached (%d image tokens)", m.id, m.vision.adapter, adapter.num_image_tokens)
 
     def _load_engine(self, m: Manifest, path: Path) -> tuple[Engine, str]:
         s = self.settings

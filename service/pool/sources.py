@@ -45,7 +45,7 @@ class PullError(Exception):
 def manifest_digest(m: Manifest) -> str:
     # Fields left at their defaults are out: a new manifest field does not re-pull every model; so are
     # serving-only fields that never touch the pulled files.
-    return hashlib.sha256(m.model_dump_json(exclude_defaults=True, exclude={"tools"}).encode()).hexdigest()[:16]
+    return hashlib.sha256(m.model_dump_json(exclude_defaults=True, exclude={"tools", "vision"}).encode()).hexdigest()[:16]
 
 
 def model_dir(models_dir: Path, m: Manifest) -> Path:

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 from service.api.errors import APIError
 from service.engine.types import GenerationRequest
-from service.pool.manifest import Task
 from service.serving.budget import TokenBudget
 from service.serving.job import ChatJob, Stage
 from service.serving.params import (
     check_sequences, check_token_ids, resolve_speculative, sampling_params,
 )
-from service.serving.stages import GroundingStage, ReasoningStage, StructuredStage
+from service.serving.stages import GroundingStage, ReasoningStage, StructuredStage, VisionStage
+from service.serving.stages.vision import template_messages
 from service.serving.grammar import as_api_error
 from service.structured.grammar import GrammarError
 from service.structured.tools import history_messages, template_renders_tools
@@ -31,9 +31,10 @@ class PreparedChat:
 
 
 def chat_stages(rag_store, settings) -> list[Stage]:
-    """In order: reasoning reserves thinking before grounding sizes its sources; structured output
-    wraps the reasoning controller."""
-    return [ReasoningStage(), StructuredStage(settings.structured_max_string), GroundingStage(rag_store)]
+    """In order: images rewrite the messages the others extend; reasoning reserves thinking before
+    grounding sizes its sources; structured output wraps the reasoning controller."""
+    return [VisionStage(settings), ReasoningStage(), StructuredStage(settings.structured_max_string),
+            GroundingStage(rag_store)]
 
 
 def render_chat(tokenizer, messages: list[dict], model_id: str, **template_kwargs) -> str:
@@ -50,19 +51,24 @@ def _check_request(body, lm) -> None:
     if body.functions or body.function_call not in (None, "none"):  # OpenAI's deprecated form of tools
         raise APIError(400, "functions and function_call are not supported; use tools and tool_choice",
                        param="functions" if body.functions else "function_call", code="unsupported")
-    if any(m.has_images() for m in body.messages) and lm.manifest.task != Task.VISION_CHAT:
-        raise APIError(400, f"model {lm.id!r} does not accept images", param="messages",
-                       code="images_not_supported")
 
 
 def _tokenize(job: ChatJob) -> list[int]:
-    """Render and tokenize the finished job's prompt. If it overflows what the budget allows, a
-    stage that can give something up (RAG: its weakest source) does, and it renders again."""
+    """Render and tokenize the finished job's prompt (with images: the model's VisionPrep, which also
+    makes the engine's MultimodalInput). If it overflows what the budget allows, a stage that can
+    give something up (RAG: its weakest source) does, and it renders again."""
     while True:
-        prompt = render_chat(job.tokenizer, job.messages, job.model.id, **job.template_kwargs)
+        messages = template_messages(job.messages, job.model.vision)
+        prompt = render_chat(job.tokenizer, messages, job.model.id, **job.template_kwargs)
         for suffix in job.prompt_suffixes:
             prompt += suffix(prompt)
-        ids = job.tokenizer.encode(prompt, add_special_tokens=False)
+        if job.images:
+            try:
+                ids, job.multimodal = job.model.vision.prepare(prompt, job.images)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages", code="invalid_image") from None
+        else:
+            ids = job.tokenizer.encode(prompt, add_special_tokens=False)
         if len(ids) <= job.budget.room_for_prompt() or not any(shrink() for shrink in job.shrinkers):
             return ids
 
@@ -87,4 +93,5 @@ async def prepare_chat(body, lm, settings, rag_store) -> PreparedChat:
     params = sampling_params(body, answer + budget.thinking, body.logprobs, body.top_logprobs or 0,
                              lm.manifest.defaults, **{"speculative": speculative, **job.sampling_overrides})
     check_sequences(1, params.n, settings.max_sequences_per_request)  # n, or reasoning.samples
-    return PreparedChat(job, GenerationRequest(prompt_ids, params, controller_factory=job.controller_factory))
+    return PreparedChat(job, GenerationRequest(prompt_ids, params, controller_factory=job.controller_factory,
+                                               multimodal=job.multimodal))

@@ -27,6 +27,8 @@ class ChatJob:
     response_fields: dict = field(default_factory=dict)  # extra top-level fields (citations)
     reasoning: Any = None  # ReasoningPlan when the request thinks (response: split, usage, vote)
     tools: Any = None  # ToolPlan when the request offers tools (response: calls parsed out of the text)
+    images: list = field(default_factory=list)  # LoadedImage, in prompt order (the vision stage)
+    multimodal: Any = None  # the engine's MultimodalInput, made with the prompt's token ids
     # Called when the rendered prompt does not fit: return True after making it smaller (RAG drops
     # its weakest source), False when there is nothing left to give up.
     shrinkers: list[Callable[[], bool]] = field(default_factory=list)

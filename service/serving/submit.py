@@ -20,11 +20,21 @@ def submit(engine, greqs: list[GenerationRequest], metrics, model_id: str,
     """Admit all of a request's generations (all or none), then stream their outputs, interleaved.
     Generation k's sequence i is choice (n of the generations before k) + i."""
     engine.check_admission(greqs)  # raises RequestTooLarge / EngineOverloaded: the API's 400 / 429
+    for g in greqs:
+        if g.multimodal is not None and g.multimodal.report:
+            _record_images(metrics, model_id, g.multimodal.report)
     streams, offset = [], 0
     for g in greqs:
         streams.append(indexed(run_request(engine, g, metrics, model_id, timeout_s), offset))
         offset += g.sampling.n
     return merge(streams)
+
+
+def _record_images(metrics, model_id: str, report: dict[str, float]) -> None:
+    metrics.images.labels(model_id).inc(report.get("images", 0))
+    metrics.image_cache_hits.labels(model_id).inc(report.get("cache_hits", 0))
+    if report.get("encoded"):
+        metrics.vision_encode.labels(model_id).observe(report.get("encode_seconds", 0.0))
 
 
 async def _until(stream: AsyncIterator, deadline: float | None, timeout_s: float | None) -> AsyncIterator:

@@ -145,3 +145,38 @@ def test_tool_call_round_trip_streamed_and_not(client):
         messages=[*msgs, r.choices[0].message.model_dump(exclude_none=True),
                   {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 18}'}])
     assert answer.choices[0].message.content
+
+
+def test_an_image_through_the_official_client(client):
+    """The default model sees through its shipped adapter: a red circle is red."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (512, 512), "white")
+    ImageDraw.Draw(img).ellipse((128, 128, 384, 384), fill=(220, 20, 20))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    r = client.chat.completions.create(model=CHAT_MODEL, temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": "What colour is the shape?"}]}])
+    assert "red" in r.choices[0].message.content.lower()
+    card = client.models.retrieve(CHAT_MODEL)
+    assert card.input_modalities == ["text", "image"]
+
+
+def test_responses_create_stream_and_continue(client):
+    r = client.responses.create(model=CHAT_MODEL, input="Name a planet.", max_output_tokens=16, temperature=0)
+    assert r.status in ("completed", "incomplete") and r.output_text
+    follow = client.responses.create(model=CHAT_MODEL, input="And another?", previous_response_id=r.id,
+                                     max_output_tokens=16, temperature=0)
+    assert follow.previous_response_id == r.id and follow.usage.input_tokens > r.usage.input_tokens
+    with client.responses.stream(model=CHAT_MODEL, input="Name a planet.", max_output_tokens=16,
+                                 temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response() if r.status == "completed" else None
+    assert "".join(deltas) == r.output_text
+    if final is not None:
+        assert final.output_text == r.output_text

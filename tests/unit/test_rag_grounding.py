@@ -44,7 +44,7 @@ class TemplateTokenizer:
 def ground(store, spec, messages, tokenizer, max_model_len, max_tokens, thinking=0):
     """(rendered prompt ids, messages, citations) after the grounding stage and the pipeline's render."""
     tok = TemplateTokenizer(tokenizer)
-    model = SimpleNamespace(id="m", tokenizer=tok)
+    model = SimpleNamespace(id="m", tokenizer=tok, vision=None)
     budget = TokenBudget(max_model_len, max_tokens, 512, thinking=thinking)
     job = ChatJob(SimpleNamespace(rag=spec), model, list(messages), budget)
     asyncio.run(GroundingStage(store).apply(job))

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import state
+from service.pool.manifest import Task
 from service.api.errors import APIError
 
 router = APIRouter()
@@ -33,6 +34,11 @@ def _model_card(st, model_id: str) -> dict:
     lm = st.pool.loaded.get(model_id)
     card = {"id": model_id, "object": "model", "created": lm.created if lm else 0, "owned_by": "frontier",
             "task": m.task.value, "state": st.pool.state(model_id)}
+    if m.task != Task.EMBEDDING:  # what a chat request may send it (loaded: what it has; else its manifest)
+        images = lm.vision is not None if lm is not None else (m.vision is not None or m.task == Task.VISION_CHAT)
+        card["input_modalities"] = ["text", "image"] if images else ["text"]
+        if m.vision is not None and m.vision.sees:
+            card["vision"] = {"sees": m.vision.sees}
     if lm is not None:
         card["max_model_len"] = lm.max_model_len
         if lm.engine_kind:

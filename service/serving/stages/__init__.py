@@ -5,5 +5,6 @@ output wraps the reasoning controller, so it runs after reasoning."""
 from service.serving.stages.grounding import GroundingStage
 from service.serving.stages.reasoning import ReasoningStage
 from service.serving.stages.structured import StructuredStage
+from service.serving.stages.vision import VisionStage
 
-__all__ = ["GroundingStage", "ReasoningStage", "StructuredStage"]
+__all__ = ["GroundingStage", "ReasoningStage", "StructuredStage", "VisionStage"]
