@@ -51,6 +51,7 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 _DATA = ("enum", "const", "default", "examples", "required")
 
 
+MAX_INTEGER = 10**15 - 1  # bound of integers a schema leaves unbounded
 DEFAULT_MAX_STRING = 512  # characters of a string the schema leaves unbounded (settings: structured_max_string)
 
 
@@ -62,7 +63,9 @@ def closed(schema: Any, max_string: int = DEFAULT_MAX_STRING, in_all_of: bool = 
       135M model writes them until max_tokens. allOf branches stay open (closing each would reject
       the others' properties);
     - strings without a bound, pattern or format get `maxLength: max_string` (0: none): a model that
-      loops inside a string would otherwise never close it.
+      loops inside a string would otherwise never close it;
+    - integers without bounds stay within +-(10**15 - 1) (15 digits), for the same reason (a model
+      looping on digits). Non-integer numbers are not bounded this way (see the README).
     Only the set of outputs shrinks: every output is valid under the original schema."""
     if isinstance(schema, list):
         return [closed(s, max_string, in_all_of) for s in schema]
@@ -82,6 +85,11 @@ def closed(schema: Any, max_string: int = DEFAULT_MAX_STRING, in_all_of: bool = 
     bounded = ("maxLength", "pattern", "format", "enum", "const")
     if max_string and out.get("type") == "string" and not any(k in out for k in bounded):
         out["maxLength"] = max(max_string, out.get("minLength", 0))
+    if out.get("type") == "integer" and not any(k in out for k in ("enum", "const")):
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = max(MAX_INTEGER, out.get("minimum", 0))
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = min(-MAX_INTEGER, out.get("maximum", 0))
     return out
 
 

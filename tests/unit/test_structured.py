@@ -126,6 +126,16 @@ def test_closed_objects_keep_explicit_openness_and_all_of_branches():
     assert out["properties"]["properties"] == {"const": {"properties": 1}}  # data, not a schema
 
 
+def test_unbounded_strings_and_integers_are_capped_bounded_ones_kept():
+    out = closed({"type": "object", "properties": {
+        "s": {"type": "string"}, "p": {"type": "string", "pattern": "^a+$"}, "m": {"type": "string", "maxLength": 3},
+        "i": {"type": "integer", "minimum": 0}, "j": {"type": "integer", "maximum": 5, "minimum": 1}}}, max_string=64)
+    p = out["properties"]
+    assert p["s"]["maxLength"] == 64 and "maxLength" not in p["p"] and p["m"]["maxLength"] == 3
+    assert (p["i"]["minimum"], p["i"]["maximum"]) == (0, 10**15 - 1) and (p["j"]["minimum"], p["j"]["maximum"]) == (1, 5)
+    assert "maxLength" not in closed({"type": "string"}, max_string=0)
+
+
 @pytest.mark.parametrize("schema, fragment", [({"not": {"type": "string"}}, "not"),
                                               ({"type": "string", "format": "no-such-format"}, "format"),
                                               ({"$ref": "#/$defs/missing"}, "missing")])
