@@ -365,9 +365,11 @@ def test_prepare_expands_markers_and_keeps_digests(llava_prep):
     assert tuple(mm.processor_inputs["pixel_values"].shape) == (2, 3, 16, 16)
 
 
-def test_a_vision_manifest_loads_through_the_pool_and_answers_images_over_the_api(tmp_path):
-    """A tiny LLaVA saved to disk, named by a manifest (task vision-chat, no adapter): the pool loads
-    it through transformers, /v1/models says it takes images, and a chat with an image part answers."""
+@pytest.mark.parametrize("name", ["llava", "idefics3", "mllama"])  # Qwen2-VL's AutoProcessor needs torchvision
+def test_a_vision_manifest_loads_through_the_pool_and_answers_images_over_the_api(tmp_path, name):
+    """A tiny model of the family saved to disk, named by a manifest (task vision-chat, no adapter):
+    the pool loads it through transformers, /v1/models says it takes images, a chat with an image
+    part answers."""
     import base64
     import io
 
@@ -378,13 +380,13 @@ def test_a_vision_manifest_loads_through_the_pool_and_answers_images_over_the_ap
     from tests.unit.fake_engine import run
 
     torch.manual_seed(0)
-    model, proc = _llava()
-    model.save_pretrained(tmp_path / "llava")
-    proc.save_pretrained(tmp_path / "llava")
+    model, proc = FAMILIES[name]()
+    model.save_pretrained(tmp_path / "vlm")
+    proc.save_pretrained(tmp_path / "vlm")
     (tmp_path / "manifests").mkdir()
     (tmp_path / "manifests" / "tiny-llava.yaml").write_text(yaml.safe_dump({
-        "id": "tiny-llava", "task": "vision-chat", "architecture": "llava", "license": "apache-2.0",
-        "source": {"kind": "local", "path": str(tmp_path / "llava")}, "vision": {"sees": "random pixels"}}))
+        "id": "tiny-llava", "task": "vision-chat", "architecture": name, "license": "apache-2.0",
+        "source": {"kind": "local", "path": str(tmp_path / "vlm")}, "vision": {"sees": "random pixels"}}))
     app = create_app(Settings(models=["tiny-llava"], default_chat_model="tiny-llava", data_dir=tmp_path / "data",
                               manifests_dir=tmp_path / "manifests", models_dir=tmp_path / "models"))
     buf = io.BytesIO()

@@ -171,12 +171,15 @@ def test_chat_api_takes_images_streamed_and_not_and_counts_them(tmp_path, tiny):
         app.state.frontier.pool.loaded[CHAT].vision = prep
         card = (await client.get(f"/v1/models/{CHAT}")).json()
         whole = await client.post("/v1/chat/completions", json=body)
-        streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        hits_before = metric((await client.get("/metrics")).text, "frontier_prefix_cache_hits_total", model=CHAT)
+        streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})  # the same image again
+        hits = metric((await client.get("/metrics")).text, "frontier_prefix_cache_hits_total", model=CHAT) - hits_before
         bad = await client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]})
-        return blind, whole, streamed, bad, (await client.get("/metrics")).text, (text_card, card)
+        return blind, whole, streamed, bad, (await client.get("/metrics")).text, (text_card, card), hits
 
-    blind, whole, streamed, bad, metrics, cards = run(app, scenario)
+    blind, whole, streamed, bad, metrics, cards, hits = run(app, scenario)
+    assert hits >= N, hits  # the second request reused the blocks of the image's span (on /metrics)
     assert [c["input_modalities"] for c in cards] == [["text"], ["text", "image"]]
     assert blind.status_code == 400 and blind.json()["error"]["code"] == "images_not_supported"
     assert whole.status_code == 200 and whole.json()["usage"]["prompt_tokens"] > N
