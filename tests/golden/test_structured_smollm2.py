@@ -85,3 +85,14 @@ def test_required_tool_calls_validate(smol):
         assert content is None and 1 <= len(calls) <= 2
         for call in calls:
             jsonschema.validate(json.loads(call["function"]["arguments"]), by_name[call["function"]["name"]])
+
+
+def test_schemas_validate_alone_too(smol):
+    """One constrained request at a time (no batch around it), greedy and sampled."""
+    engine, tok, ll = smol
+    for i, case in enumerate(SCHEMAS[::6]):
+        ids = chat_ids(tok, f"{case['prompt']} Reply in JSON following this schema: {json.dumps(case['schema'])}")
+        grammar = json_schema_grammar(case["schema"], "schema")
+        for sampling in ({}, {"temperature": 0.8, "seed": i}):
+            [(toks, _)] = generate(engine, [request(ids, constrained(ll, grammar), **sampling)])
+            jsonschema.validate(json.loads(tok.decode(toks[0], skip_special_tokens=True)), case["schema"])
