@@ -47,7 +47,7 @@ def render_chat(tokenizer, messages: list[dict], model_id: str, **template_kwarg
         raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
 
 
-def _check_request(body, lm) -> None:
+def _check_request(body) -> None:
     if body.functions or body.function_call not in (None, "none"):  # OpenAI's deprecated form of tools
         raise APIError(400, "functions and function_call are not supported; use tools and tool_choice",
                        param="functions" if body.functions else "function_call", code="unsupported")
@@ -75,7 +75,7 @@ def _tokenize(job: ChatJob) -> list[int]:
 
 async def prepare_chat(body, lm, settings, rag_store) -> PreparedChat:
     """400s for anything wrong with the request, before it reaches the engine."""
-    _check_request(body, lm)
+    _check_request(body)
     speculative = await resolve_speculative(body, settings, lm)
     try:
         messages = history_messages(body.messages, lm.manifest.tools, template_renders_tools(lm.tokenizer))
